@@ -1,0 +1,5 @@
+import sys
+
+from edgecut.cli import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""The `node.meta` keys edgecut reads and writes, declared once. Nothing else invents keys.
+
+Written by the frontend's analysis passes (`edgecut.passes.annotate_shapes`,
+`edgecut.passes.annotate_layers`) unless noted otherwise.
+"""
+from __future__ import annotations
+
+# --- tensors (annotate_shapes) ---------------------------------------------------------------
+SHAPE = "edgecut.shape"        # tuple[int, ...] of the node's output; for a tuple output: tuple of tuples
+DTYPE = "edgecut.dtype"        # str, e.g. "float32" (tuple of str for a tuple output)
+OUT_BYTES = "edgecut.bytes"    # int: bytes of the node's output (sum over a tuple output)
+
+# --- layers (annotate_layers) ----------------------------------------------------------------
+KIND = "edgecut.kind"          # one of KINDS below
+MACS = "edgecut.macs"          # int: multiply-accumulates of the node (0 for data movement)
+PARAMS = "edgecut.params"      # int: parameter elements owned by the node (module's own weights)
+PARAM_BYTES = "edgecut.param_bytes"  # int
+IN_ELEMS = "edgecut.in_elems"  # int: elements of the node's tensor inputs (sum)
+FEATURES = "edgecut.features"  # tuple[float, ...]: Edgent's regression features (x1[, x2])
+MODULE_TYPE = "edgecut.module_type"  # str: class name of the called module, or the function name
+ATTRS = "edgecut.attrs"        # dict: kernel, stride, padding, groups, ... as plain ints/tuples
+
+# --- cost (annotate_cost, issue 5) -----------------------------------------------------------
+DEVICE_S = "edgecut.device_s"  # float: predicted seconds of this node on the device target
+EDGE_S = "edgecut.edge_s"      # float: predicted seconds of this node on the edge target
+
+# --- exits (insert_exits, issue 4) -----------------------------------------------------------
+EXIT_ID = "edgecut.exit_id"    # int on nodes of an exit head (and its output logits); absent on backbone
+EXIT_POINT = "edgecut.exit_point"  # int on the backbone node an exit branches from
+
+# --- layer kinds -----------------------------------------------------------------------------
+INPUT, OUTPUT, PARAM = "input", "output", "param"
+CONV, DWCONV, LINEAR = "conv", "dwconv", "linear"
+MAXPOOL, AVGPOOL, ADAPTIVE_POOL = "maxpool", "avgpool", "adaptivepool"
+RELU, ACTIVATION = "relu", "activation"
+LRN, DROPOUT, BN = "lrn", "dropout", "bn"
+ADD, MUL, CONCAT, RESHAPE = "add", "mul", "concat", "reshape"
+OTHER = "other"
+
+KINDS = (INPUT, OUTPUT, PARAM, CONV, DWCONV, LINEAR, MAXPOOL, AVGPOOL, ADAPTIVE_POOL, RELU,
+         ACTIVATION, LRN, DROPOUT, BN, ADD, MUL, CONCAT, RESHAPE, OTHER)
+
+# Kinds that are pure bookkeeping: they carry no cost of their own.
+NO_COST_KINDS = frozenset({INPUT, OUTPUT, PARAM})
+
+# Keys every call node must have once the frontend's analysis has run (checked by verify).
+REQUIRED_AFTER_ANALYSIS = (SHAPE, DTYPE, OUT_BYTES, KIND, MACS, PARAMS, PARAM_BYTES, FEATURES)

@@ -1,0 +1,20 @@
+"""Graph-to-graph passes on torch.fx GraphModules, one per file; infrastructure in `infra`.
+
+Analysis (frontend metadata): `annotate_shapes`, `annotate_layers` (together: `analyze`).
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from edgecut.passes.annotate_layers import annotate_layers
+from edgecut.passes.annotate_shapes import annotate_shapes
+from edgecut.passes.infra import NodeError, Pipeline, run_pass, verify
+
+
+def analyze(gm: fx.GraphModule, *example_inputs) -> fx.GraphModule:
+    """Fill every node's metadata: shapes, dtypes, bytes, kind, MACs, params, Edgent features."""
+    gm = run_pass(annotate_shapes, gm, *example_inputs)
+    return run_pass(annotate_layers, gm)
+
+
+__all__ = ["NodeError", "Pipeline", "analyze", "annotate_layers", "annotate_shapes", "run_pass", "verify"]

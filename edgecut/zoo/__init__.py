@@ -1,0 +1,76 @@
+"""Models defined in the project (there is no CPU torchvision here), with torchvision's layouts.
+
+`get(name, **kwargs)` builds one; `load_spec("edgecut.zoo:NAME" | "path/file.py:Factory")`
+resolves the model strings the CLI takes. Weights are randomly initialised: nothing is
+downloaded. Each entry has a default input shape.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from edgecut.errors import UsageError
+from edgecut.zoo.alexnet import AlexNet, AlexNetCifar
+from edgecut.zoo.mobilenet import MobileNetV2
+from edgecut.zoo.resnet import ResNet
+from edgecut.zoo.tiny import TinyChain, TinyDAG
+from edgecut.zoo.vgg import VGG
+
+# name -> (factory, default input shape)
+MODELS: dict[str, tuple[Callable[..., nn.Module], tuple]] = {
+    "alexnet": (AlexNet, (1, 3, 224, 224)),
+    "alexnet_cifar": (AlexNetCifar, (1, 3, 32, 32)),
+    "vgg16": (VGG, (1, 3, 224, 224)),
+    "resnet18": (ResNet, (1, 3, 224, 224)),
+    "mobilenet_v2": (MobileNetV2, (1, 3, 224, 224)),
+    "tiny_chain": (TinyChain, (1, 3, 16, 16)),
+    "tiny_dag": (TinyDAG, (1, 3, 16, 16)),
+}
+
+
+def names() -> list[str]:
+    return sorted(MODELS)
+
+
+def get(name: str, **kwargs) -> nn.Module:
+    """Build zoo model `name` in eval mode."""
+    try:
+        factory, _ = MODELS[name]
+    except KeyError:
+        raise UsageError(f"unknown zoo model {name!r}; known: {', '.join(names())}") from None
+    return factory(**kwargs).eval()
+
+
+def default_input_shape(name: str) -> tuple | None:
+    return MODELS[name][1] if name in MODELS else None
+
+
+def load_spec(spec: str) -> tuple[nn.Module, str, tuple | None]:
+    """Resolve "edgecut.zoo:NAME" or "path/to/file.py:Factory" to (model, name, default shape).
+    `Factory` is a class or function called with no arguments."""
+    if ":" not in spec:
+        raise UsageError(f"bad model {spec!r}: expected 'edgecut.zoo:NAME' or 'path/to/file.py:Factory'")
+    where, _, attr = spec.rpartition(":")
+    if not attr:
+        raise UsageError(f"bad model {spec!r}: nothing after ':'")
+    if where in ("edgecut.zoo", "zoo"):
+        return get(attr), attr, default_input_shape(attr)
+    path = Path(where)
+    if path.suffix != ".py" or not path.is_file():
+        raise UsageError(f"bad model {spec!r}: {where!r} is neither 'edgecut.zoo' nor an existing .py file")
+    mod_spec = importlib.util.spec_from_file_location(f"edgecut_user_{path.stem}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:
+        raise UsageError(f"bad model {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise UsageError(f"bad model {spec!r}: {path} has no {attr!r}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"bad model {spec!r}: {attr}() returned {type(model).__name__}, not an nn.Module")
+    return model.eval(), attr, None

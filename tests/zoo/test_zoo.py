@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+import edgecut
+from edgecut import zoo
+from edgecut.cli.inspect import totals
+
+# torchvision's parameter counts, and published GMACs at 224x224
+PUBLISHED = {
+    "alexnet": (61_100_840, 0.71),
+    "vgg16": (138_357_544, 15.47),
+    "resnet18": (11_689_512, 1.81),
+    "mobilenet_v2": (3_504_872, 0.30),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_params_and_macs_match_torchvision(name):
+    params, gmacs = PUBLISHED[name]
+    m = zoo.get(name)
+    assert sum(p.numel() for p in m.parameters()) == params
+    gm = edgecut.trace(m, torch.randn(1, 3, 224, 224))
+    t = totals(gm)
+    assert t["params"] == params
+    assert abs(t["macs"] / 1e9 - gmacs) / gmacs < 0.03
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_every_zoo_model_traces_to_eager_output(name):
+    m = zoo.get(name)
+    shape = zoo.default_input_shape(name)
+    if name == "vgg16":
+        shape = (1, 3, 64, 64)  # same graph, smaller activations keep the test quick
+    x = torch.randn(*shape)
+    gm = edgecut.trace(m, x)
+    with torch.no_grad():
+        assert torch.equal(gm(x), m(x))
+
+
+def test_load_spec_from_file(tmp_path):
+    f = tmp_path / "mine.py"
+    f.write_text("from torch import nn\ndef Net():\n    return nn.Sequential(nn.Linear(4, 2))\n")
+    model, name, shape = zoo.load_spec(f"{f}:Net")
+    assert name == "Net" and shape is None
+    assert sum(p.numel() for p in model.parameters()) == 10
