@@ -28,6 +28,11 @@ EDGE_S = "edgecut.edge_s"      # float: predicted seconds of this node on the ed
 EXIT_ID = "edgecut.exit_id"    # int on nodes of an exit head (and its output logits); absent on backbone
 EXIT_POINT = "edgecut.exit_point"  # int on the backbone node an exit branches from
 
+# --- graph-level keys, on `gm.meta` (not node.meta) --------------------------------------------
+EXITS = "edgecut.exits"        # list[dict]: one per exit, ordered by id: {"id", "point" (backbone node name),
+                               #   "output" (logits node name), "macs", "accuracy", "threshold"}
+TRACER = "_edgecut_tracer"     # "fx" or "export": which tracer produced the graph
+
 # --- layer kinds -----------------------------------------------------------------------------
 INPUT, OUTPUT, PARAM = "input", "output", "param"
 CONV, DWCONV, LINEAR = "conv", "dwconv", "linear"

@@ -16,10 +16,10 @@ import torch.fx as fx
 from torch import nn
 
 from edgecut.errors import TraceError
+from edgecut.frontend.meta import TRACER as _GRAPH_ATTR
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _EDGECUT_DIR = os.path.dirname(os.path.dirname(__file__))
-_GRAPH_ATTR = "_edgecut_tracer"  # gm.meta key: "fx" or "export"
 
 
 class _Tracer(fx.Tracer):
