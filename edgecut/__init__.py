@@ -19,6 +19,12 @@ _LAZY = {
     "zoo": "edgecut.zoo:",
     "passes": "edgecut.passes:",
     "targets": "edgecut.targets:",
+    "data": "edgecut.data:",                               # digits and synthetic datasets
+    "train_exits": "edgecut.exits:train_exits",            # issue: exit branches
+    "load": "edgecut.codegen.load:load",                   # torch-free: runs one side of an artifact
+    "DeviceRuntime": "edgecut.runtime.client:DeviceRuntime",
+    "compile": "edgecut.api:compile",
+    "Artifact": "edgecut.api:Artifact",
 }
 
 
