@@ -43,6 +43,10 @@ class PlanError(EdgecutError):
     """The solver cannot produce a plan (e.g. no cut candidates at all)."""
 
 
+class DeadlineWarning(UserWarning):
+    """No plan meets the deadline: the solver returns the fastest one, marked infeasible."""
+
+
 class CodegenError(EdgecutError):
     """TVM or ONNX could not compile a segment; names the op and the node."""
 
@@ -53,3 +57,11 @@ class ArtifactError(EdgecutError):
 
 class ProtocolError(EdgecutError):
     """A malformed or refused frame on the wire."""
+
+
+class RemoteError(ProtocolError):
+    """The edge server answered with an error reply; `code` is its error code (runtime/protocol.py)."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(f"edge server refused ({code}): {message}")

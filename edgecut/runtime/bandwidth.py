@@ -1,0 +1,76 @@
+"""Estimate the device -> edge bandwidth and round-trip time from the device's own transfers.
+
+Every request the device sends to the edge is a measurement: `bytes` went up in `seconds` of
+round trip (edge compute already subtracted). A round trip of a tiny frame is an RTT sample; a
+large one is a bandwidth sample `8 * bytes / (seconds - rtt)`. The estimate is the median of the
+last `window` bandwidth samples (one outlier cannot move it, two consecutive ones do), and the RTT
+the minimum of the recent small round trips (queueing only ever adds delay).
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import deque
+
+
+class BandwidthEstimator:
+    """Online bandwidth/RTT estimate. `min_bytes`: transfers smaller than this are RTT samples
+    only; `window`: bandwidth samples kept; `rtt_window`: RTT samples kept. Thread-safe."""
+
+    def __init__(self, *, window: int = 3, rtt_window: int = 8, min_bytes: int = 16 * 1024,
+                 initial_bandwidth: float | None = None, initial_rtt: float | None = None):
+        self.window, self.rtt_window, self.min_bytes = window, rtt_window, min_bytes
+        self.initial_bandwidth, self.initial_rtt = initial_bandwidth, initial_rtt
+        self._bw = deque(maxlen=window)
+        self._rtt = deque(maxlen=rtt_window)
+        self._lock = threading.Lock()
+        self.last_sample_at = None
+
+    def add_rtt(self, seconds: float) -> None:
+        if seconds > 0:
+            with self._lock:
+                self._rtt.append(seconds)
+
+    def add_transfer(self, nbytes: int, seconds: float) -> None:
+        """`nbytes` crossed (up and down) in `seconds` of network round trip."""
+        if seconds <= 0:
+            return
+        self.last_sample_at = time.monotonic()
+        if nbytes < self.min_bytes:
+            self.add_rtt(seconds)
+            return
+        rtt = self.rtt or 0.0
+        # a sample faster than the RTT says the RTT estimate is stale: trust half the time
+        serial = seconds - rtt if seconds - rtt > 0.5 * seconds else 0.5 * seconds
+        with self._lock:
+            self._bw.append(8.0 * nbytes / serial)
+
+    @property
+    def bandwidth(self) -> float | None:
+        """Bit/s, or None before the first sample (and no initial value)."""
+        with self._lock:
+            if not self._bw:
+                return self.initial_bandwidth
+            return statistics.median(self._bw)
+
+    @property
+    def rtt(self) -> float | None:
+        with self._lock:
+            return min(self._rtt) if self._rtt else self.initial_rtt
+
+    @property
+    def samples(self) -> int:
+        return len(self._bw)
+
+    def probe_bytes(self, target_s: float = 0.03, lo: int = 32 * 1024, hi: int = 1024 * 1024) -> int:
+        """How many bytes a probe should send to take about `target_s` at the current estimate."""
+        bw = self.bandwidth
+        if bw is None:
+            return lo
+        return int(min(max(bw * target_s / 8.0, lo), hi))
+
+    def __repr__(self) -> str:
+        bw, rtt = self.bandwidth, self.rtt
+        return (f"BandwidthEstimator(bandwidth={'?' if bw is None else f'{bw / 1e6:.3g} Mbit/s'}, "
+                f"rtt={'?' if rtt is None else f'{rtt * 1e3:.2f} ms'}, samples={self.samples})")

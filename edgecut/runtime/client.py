@@ -1,0 +1,326 @@
+"""The device client: runs the device part, ships the crossing tensors, re-plans as bandwidth moves.
+
+`DeviceRuntime(artifact, edge=(host, port))` loads the device side of an artifact (no torch) and
+answers `infer(inputs, deadline=...)` with a `Result`: the logits, the plan used, where the answer
+came from ("device": device-only plan or an early exit; "edge"; "fallback": the edge could not
+answer, so a local exit did) and why, and the time split (device, transfer, edge).
+
+Each request picks its plan from the artifact's PlanTable at the current bandwidth estimate
+(`bandwidth.BandwidthEstimator`, fed by every transfer, and by a small probe when the link has
+been idle for `probe_interval` seconds). A per-request deadline other than the table's re-plans
+over the table's plans with the measured link. Every socket operation has a deadline, so a dead,
+slow or refusing edge costs at most the request's deadline (or `request_timeout`), never a hang.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgecut.errors import ProtocolError, RemoteError
+from edgecut.runtime import protocol as P
+from edgecut.runtime.bandwidth import BandwidthEstimator
+from edgecut.types import Link
+
+log = logging.getLogger("edgecut.runtime.client")
+
+
+@dataclass(frozen=True)
+class Result:
+    """One answer. `where`: "device" | "edge" | "fallback"; `reason` says why it ended there."""
+
+    outputs: dict
+    plan_id: str
+    exit_id: int
+    where: str
+    reason: str
+    device_s: float
+    transfer_s: float
+    edge_s: float
+    total_s: float
+    bandwidth: float | None = None
+    timing: dict = field(default_factory=dict)
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.outputs["logits"]
+
+
+class EdgeConnection:
+    """One handshaken connection to an edge server; one request at a time."""
+
+    def __init__(self, host: str, port: int, model: str, manifest_sha256: str, *, token: bytes | None = None,
+                 deadline: float | None = None, max_frame: int = P.DEFAULT_MAX_FRAME):
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.ch = P.Channel(sock, max_frame)
+        try:
+            msg = self.ch.recv(deadline)
+            if msg["type"] == "error":
+                raise RemoteError(*P.error_of(msg))
+            if msg["type"] != "challenge" or not isinstance(msg.get("nonce"), memoryview):
+                raise ProtocolError(f"expected a challenge from the edge server, got {msg['type']!r}")
+            if msg.get("auth") and not token:
+                raise RemoteError(P.AUTH, "the edge server requires a token: pass token=... (--token-file)")
+            digest = P.auth_digest(token, bytes(msg["nonce"]), model, manifest_sha256) if token else None
+            t = time.monotonic()
+            self.ch.send(P.hello(model, manifest_sha256, digest), deadline)
+            reply = self.ch.recv(deadline)
+            self.rtt = time.monotonic() - t
+            if reply["type"] == "error":
+                raise RemoteError(*P.error_of(reply))
+            if reply["type"] != "welcome":
+                raise ProtocolError(f"expected a welcome from the edge server, got {reply['type']!r}")
+        except BaseException:
+            self.ch.close()
+            raise
+
+    def request(self, msg: dict, deadline: float | None) -> tuple[dict, int, int]:
+        """(reply, bytes sent, bytes received). Error replies come back as replies, not raised."""
+        before = self.ch.bytes_received
+        sent = self.ch.send(msg, deadline)
+        reply = self.ch.recv(deadline)
+        if reply.get("id") != msg.get("id") and not (reply["type"] == "error" and reply.get("id") is None):
+            raise ProtocolError(f"reply {reply.get('id')!r} does not answer request {msg.get('id')!r}")
+        return reply, sent, self.ch.bytes_received - before
+
+    def close(self) -> None:
+        self.ch.close()
+
+
+class DeviceRuntime:
+    """Run the device side of `artifact` (a path, or a part from `edgecut.load(..., side="device")`)
+    against the edge server at `edge=(host, port)` (None: local only).
+
+    deadline: default per-request deadline in seconds (None: the table's). early_exit: take an
+    exit's answer when its entropy is under its threshold. connect_timeout / request_timeout bound
+    a connection attempt and a request without a deadline; retry_interval: after a failure, how
+    long the edge is not retried (requests answer locally meanwhile). probe_interval: probe the
+    link when idle this long (None: only measure real transfers). initial_bandwidth: bit/s to
+    plan the first request with (default: probe at the first request)."""
+
+    def __init__(self, artifact, edge: tuple[str, int] | None = None, *, token: bytes | None = None,
+                 backend: str = "tvm", deadline: float | None = None, early_exit: bool = True,
+                 connect_timeout: float = 2.0, request_timeout: float = 30.0, retry_interval: float = 1.0,
+                 probe_interval: float | None = 5.0, initial_bandwidth: float | None = None,
+                 max_frame: int = P.DEFAULT_MAX_FRAME):
+        if hasattr(artifact, "run"):
+            self.part = artifact
+        else:
+            from edgecut.codegen.load import load
+            self.part = load(artifact, side="device", backend=backend)
+        self.model, self.manifest_sha256 = P.manifest_identity(self.part)
+        self.table = self.part.table
+        self.edge, self.token = edge, (bytes(token) if token else None)
+        self.deadline, self.early_exit = deadline, early_exit
+        self.connect_timeout, self.request_timeout, self.retry_interval = connect_timeout, request_timeout, retry_interval
+        self.probe_interval, self.max_frame = probe_interval, max_frame
+        self.estimator = BandwidthEstimator(initial_bandwidth=initial_bandwidth)
+        self.plan_history: list[str] = []          # plan id of each request, in order
+        self._conn: EdgeConnection | None = None
+        self._last_attempt, self._last_error = -math.inf, "not connected yet"
+        self._last_activity = time.monotonic()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()              # one exchange on the connection at a time
+        self._closed = threading.Event()
+        self._prober = None
+        if edge is not None and probe_interval:
+            self._prober = threading.Thread(target=self._probe_loop, daemon=True, name="edgecut-probe")
+            self._prober.start()
+
+    # ------------------------------------------------------------------------------ planning
+    def choose_plan(self, deadline: float | None = None):
+        """The plan for the current bandwidth estimate: the table's lookup, or, for a deadline
+        other than the table's, the most accurate plan whose predicted latency fits it."""
+        bw = self.estimator.bandwidth
+        if bw is None or self.edge is None:
+            bw = 0.0 if self.edge is None else math.inf
+        if deadline is None or math.isclose(deadline, self.table.deadline, rel_tol=1e-6):
+            return self.table.lookup(bw)
+        link = Link(max(bw, 1.0), self.estimator.rtt or 0.0)
+        best, best_key = None, None
+        for p in self.table.plans:
+            if not p.cut.device_only and self.edge is None:
+                continue
+            pred = p.device_s + p.edge_s + (0.0 if p.cut.device_only else link.transfer_seconds(p.cut.crossing_bytes))
+            acc = p.accuracy if p.accuracy == p.accuracy else -math.inf
+            key = (pred <= deadline, acc if pred <= deadline else -pred, p.exit, -pred)
+            if best_key is None or key > best_key:
+                best, best_key = p, key
+        return best or self.table.lookup(bw)
+
+    def _local_plan(self, end: float | None):
+        """The device-only plan to answer with: the most accurate device-only plan of the table
+        that fits the time left, else the artifact's fallback plan."""
+        left = math.inf if end is None else end - time.monotonic()
+        local = [p for p in self.table.plans if p.cut.device_only and p.device_s <= left]
+        if local:
+            return max(local, key=lambda p: (p.accuracy if p.accuracy == p.accuracy else -math.inf, p.exit)).id
+        return self.part.fallback_plan_id
+
+    # ------------------------------------------------------------------------------ connection
+    def _connected(self, end: float | None) -> bool:
+        if self._conn is not None:
+            return True
+        now = time.monotonic()
+        if self.edge is None or now - self._last_attempt < self.retry_interval:
+            return False
+        self._last_attempt = now
+        deadline = now + self.connect_timeout if end is None else min(end, now + self.connect_timeout)
+        try:
+            self._conn = EdgeConnection(*self.edge, self.model, self.manifest_sha256, token=self.token,
+                                        deadline=deadline, max_frame=self.max_frame)
+        except (OSError, ProtocolError) as e:
+            self._last_error = _describe(e, "connecting")
+            log.warning("edge %s:%s unreachable: %s", *self.edge, self._last_error)
+            return False
+        self.estimator.add_rtt(self._conn.rtt)
+        return True
+
+    def _drop(self, why: str) -> None:
+        self._last_error, self._last_attempt = why, time.monotonic()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # ------------------------------------------------------------------------------ inference
+    def infer(self, inputs, deadline: float | None = None, early_exit: bool | None = None) -> Result:
+        """Answer one request. `inputs`: an array (the model's only input) or {name: array}.
+        `deadline`: seconds from now (default: the runtime's, else the table's)."""
+        t0 = time.monotonic()
+        if not isinstance(inputs, dict):
+            inputs = {self.part.input_names[0]: np.asarray(inputs)}
+        deadline = self.deadline if deadline is None else deadline
+        end = None if deadline is None else t0 + deadline
+        early = self.early_exit if early_exit is None else early_exit
+        with self._lock:
+            self._last_activity = t0
+            if self.estimator.bandwidth is None and self._connected(end):
+                self._probe_locked(end)
+            bw = self.estimator.bandwidth
+            plan = self.choose_plan(deadline)
+            if self.plan_history and self.plan_history[-1] != plan.id:
+                log.info("bandwidth %.3g Mbit/s: plan %s -> %s", (bw or 0) / 1e6, self.plan_history[-1], plan.id)
+            self.plan_history.append(plan.id)
+            if not plan.cut.device_only and not self._connected(end):
+                return self._fallback(inputs, t0, end, early, f"edge unreachable: {self._last_error}", 0.0, bw)
+            res = self.part.run(plan.id, inputs, early_exit=early)
+            if res.done:
+                why = (f"device-only plan at {_mbit(bw)}" if plan.cut.device_only
+                       else f"early exit {res.exit_id}: confident on the device")
+                return Result(res.outputs, plan.id, res.exit_id, "device", why, res.seconds, 0.0, 0.0,
+                              time.monotonic() - t0, bw)
+            return self._ask_edge(plan, res, inputs, t0, end, early, bw)
+
+    def _ask_edge(self, plan, res, inputs, t0, end, early, bw) -> Result:
+        rid = next(self._ids)
+        sent_at = time.monotonic()
+        left = None if end is None else end - sent_at
+        if left is not None and left <= 0:
+            return self._fallback(inputs, t0, end, early, "deadline spent on the device before sending", res.seconds, bw)
+        wait_until = sent_at + (self.request_timeout if left is None else left)
+        try:
+            reply, up, down = self._conn.request(P.infer(rid, plan.id, res.outputs, left), wait_until)
+        except TimeoutError:
+            self._drop(f"edge timed out after {time.monotonic() - sent_at:.3f}s")
+            return self._fallback(inputs, t0, end, early, self._last_error, res.seconds, bw)
+        except (OSError, ProtocolError) as e:
+            self._drop(_describe(e, "waiting for the reply"))
+            return self._fallback(inputs, t0, end, early, f"edge lost: {self._last_error}", res.seconds, bw)
+        round_trip = time.monotonic() - sent_at
+        self._last_activity = time.monotonic()
+        if reply["type"] == "error":
+            code, message = P.error_of(reply)
+            if code in (P.BAD_FRAME, P.TOO_LARGE, P.SHUTTING_DOWN):
+                self._drop(f"{code}: {message}")
+            return self._fallback(inputs, t0, end, early, f"edge answered {code}: {message}", res.seconds, bw)
+        try:
+            outputs = P.decode_tensors(reply.get("outputs"), "outputs")
+            edge_s = float(reply.get("edge_s", 0.0)) + float(reply.get("queue_s", 0.0))
+        except (ProtocolError, TypeError, ValueError) as e:
+            self._drop(f"bad reply: {e}")
+            return self._fallback(inputs, t0, end, early, f"edge sent a bad reply: {e}", res.seconds, bw)
+        transfer_s = max(round_trip - edge_s, 0.0)
+        self.estimator.add_transfer(up + down, transfer_s)
+        return Result(outputs, plan.id, res.exit_id, "edge", f"plan {plan.id} at {_mbit(bw)}", res.seconds,
+                      transfer_s, edge_s, time.monotonic() - t0, bw,
+                      {"up_bytes": up, "down_bytes": down, "queue_s": float(reply.get("queue_s", 0.0))})
+
+    def _fallback(self, inputs, t0, end, early, reason, spent_s, bw) -> Result:
+        plan_id = self._local_plan(end)
+        res = self.part.run(plan_id, inputs, early_exit=early)
+        log.info("answered locally with %s: %s", plan_id, reason)
+        return Result(res.outputs, plan_id, res.exit_id, "fallback", reason, spent_s + res.seconds,
+                      0.0, 0.0, time.monotonic() - t0, bw)
+
+    # ------------------------------------------------------------------------------ probing
+    def probe(self) -> float | None:
+        """Measure the link now (a ping and a small upload); the new bandwidth estimate, or None."""
+        with self._lock:
+            if not self._connected(None):
+                return None
+            self._probe_locked(None)
+            return self.estimator.bandwidth
+
+    def _probe_locked(self, end: float | None) -> None:
+        now = time.monotonic()
+        limit = now + self.connect_timeout + 1.0 if end is None else min(end, now + self.connect_timeout + 1.0)
+        try:
+            t = time.monotonic()
+            self._conn.request({"type": "ping", "id": next(self._ids)}, limit)
+            self.estimator.add_rtt(time.monotonic() - t)
+            n = self.estimator.probe_bytes()
+            t = time.monotonic()
+            _, up, down = self._conn.request({"type": "probe", "id": next(self._ids),
+                                              "data": memoryview(np.zeros(n, np.uint8))}, limit)
+            self.estimator.add_transfer(up + down, time.monotonic() - t)
+        except (OSError, ProtocolError) as e:
+            self._drop(_describe(e, "probing"))
+        self._last_activity = time.monotonic()
+
+    def _probe_loop(self) -> None:
+        while not self._closed.wait(min(self.probe_interval, 1.0) / 2):
+            if time.monotonic() - self._last_activity < self.probe_interval:
+                continue
+            if self._lock.acquire(blocking=False):
+                try:
+                    if self._connected(None):
+                        self._probe_locked(None)
+                    else:
+                        self._last_activity = time.monotonic()
+                finally:
+                    self._lock.release()
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> "DeviceRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _describe(e: BaseException, doing: str) -> str:
+    if isinstance(e, TimeoutError):
+        return f"timed out {doing}"
+    if isinstance(e, RemoteError):
+        return str(e)
+    if isinstance(e, P.ConnectionClosed):
+        return f"the edge closed the connection while {doing}"
+    return f"{type(e).__name__} while {doing}: {e}"
+
+
+def _mbit(bw: float | None) -> str:
+    return "unknown bandwidth" if bw is None else f"{bw / 1e6:.3g} Mbit/s"

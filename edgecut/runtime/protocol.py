@@ -1,0 +1,399 @@
+"""The wire protocol between a device and an edge server: the one place that knows the bytes.
+
+A frame is a 4-byte big-endian length followed by exactly one msgpack map. No pickle anywhere.
+
+Conversation (every message is a map with a "type"):
+
+    server -> device  {type: "challenge", version, nonce: bin(32), auth: bool}
+    device -> server  {type: "hello", version, model, manifest_sha256, auth: bin | nil}
+    server -> device  {type: "welcome", version, model, manifest_sha256}   or an error, then close
+    device -> server  {type: "infer", id, plan, deadline_s: float | nil, tensors: [tensor, ...]}
+    server -> device  {type: "result", id, outputs: [tensor, ...], edge_s, queue_s}
+                      or {type: "error", id, error: {code, message}}
+    device -> server  {type: "ping", id} -> {type: "pong", id}
+    device -> server  {type: "probe", id, data: bin} -> {type: "probe_ack", id, n}
+
+A tensor is {name, dtype, shape, pad: bin, data: bin}: `dtype` is a numpy name from `DTYPES`,
+the data little-endian and C-ordered; `pad` (0-15 bytes, ignored) makes `data` start 16-byte
+aligned within the frame, so the receiver's arrays are aligned views of its receive buffer.
+`auth` is HMAC-SHA256(token, nonce | model | manifest_sha256) when the server has a token.
+`deadline_s` is the time the device still allows (relative: the two clocks are not shared).
+
+Copies: the sender hands the kernel the frame header, the small msgpack pieces and memoryviews of
+the arrays in one `sendmsg` (no join); the receiver `recv_into`s an uninitialised buffer of the
+frame's size and decodes it with a small msgpack reader that returns bin values as memoryviews,
+so `np.frombuffer` gives arrays without copying (msgpack-python's unpackb would copy every bin).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+import struct
+import time
+
+import msgpack
+import numpy as np
+
+from edgecut.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 64 * 2**20
+ALIGN = 16
+MAX_DEPTH = 16
+DTYPES = frozenset({"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+                    "float16", "float32", "float64"})
+
+# error codes of {error: {code, message}}
+BAD_FRAME, TOO_LARGE, VERSION, MODEL, MANIFEST, AUTH = "bad_frame", "too_large", "version", "model", "manifest", "auth"
+UNKNOWN_PLAN, BAD_TENSOR, BAD_REQUEST = "unknown_plan", "bad_tensor", "bad_request"
+TIMEOUT, BUSY, SHUTTING_DOWN, INTERNAL = "timeout", "busy", "shutting_down", "internal"
+
+_HEADER = struct.Struct(">I")
+_IOV_MAX = 512   # buffers per sendmsg call (Linux allows 1024)
+_BIG = 4096  # bin values at least this long go to the kernel as their own buffer, never copied
+
+
+class ConnectionClosed(ConnectionError):
+    """The peer closed the connection cleanly, between two frames."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame's declared length exceeds the receiver's maximum."""
+
+
+class TensorDict(dict):
+    """name -> np.ndarray; encoded as a list of tensor maps (see the module docstring)."""
+
+
+# --------------------------------------------------------------------------------------- encode
+class _Encoder:
+    def __init__(self):
+        self.bufs: list = []
+        self.small = bytearray()
+        self.size = 0                      # bytes of the msgpack body so far
+        self.pack = msgpack.Packer(use_bin_type=True).pack
+
+    def raw(self, b: bytes) -> None:
+        self.small += b
+        self.size += len(b)
+
+    def big(self, view: memoryview) -> None:
+        if self.small:
+            self.bufs.append(bytes(self.small))
+            self.small = bytearray()
+        self.bufs.append(view)
+        self.size += view.nbytes
+
+    def value(self, v, depth: int = 0) -> None:
+        if depth > MAX_DEPTH:
+            raise ProtocolError("message nested too deeply to encode")
+        if isinstance(v, TensorDict):
+            self.raw(_array_header(len(v)))
+            for name, arr in v.items():
+                self.tensor(str(name), arr)
+        elif isinstance(v, dict):
+            self.raw(_map_header(len(v)))
+            for k, x in v.items():
+                self.raw(self.pack(k))
+                self.value(x, depth + 1)
+        elif isinstance(v, (list, tuple)):
+            self.raw(_array_header(len(v)))
+            for x in v:
+                self.value(x, depth + 1)
+        elif isinstance(v, (bytes, bytearray, memoryview)) and len(v) >= _BIG:
+            view = memoryview(v).cast("B")
+            self.raw(b"\xc6" + struct.pack(">I", view.nbytes))
+            self.big(view)
+        elif isinstance(v, np.generic):
+            self.raw(self.pack(v.item()))
+        else:
+            self.raw(self.pack(v))
+
+    def tensor(self, name: str, arr) -> None:
+        arr = np.asarray(arr)
+        if arr.dtype.name not in DTYPES:
+            raise ProtocolError(f"tensor {name!r} has dtype {arr.dtype}, which the protocol does not carry; "
+                                f"use one of {sorted(DTYPES)}")
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))   # a no-op when already so
+        self.raw(b"\x85" + self.pack("name") + self.pack(name) + self.pack("dtype") + self.pack(arr.dtype.name)
+                 + self.pack("shape") + self.pack([int(d) for d in arr.shape]) + self.pack("pad"))
+        # data starts after: pad bin8 header (2) + pad + packed "data" key (5) + bin32 header (5)
+        pad = -(self.size + 2 + 5 + 5) % ALIGN
+        self.raw(b"\xc4" + bytes([pad]) + bytes(pad) + self.pack("data") + b"\xc6" + struct.pack(">I", arr.nbytes))
+        view = memoryview(arr.reshape(-1).view(np.uint8))
+        if arr.nbytes >= _BIG:
+            self.big(view)
+        else:
+            self.raw(view.tobytes())
+
+    def finish(self) -> list:
+        if self.small:
+            self.bufs.append(bytes(self.small))
+        return [_HEADER.pack(self.size), *self.bufs]
+
+
+def _map_header(n: int) -> bytes:
+    return bytes([0x80 | n]) if n < 16 else (b"\xde" + struct.pack(">H", n) if n < 2**16 else b"\xdf" + struct.pack(">I", n))
+
+
+def _array_header(n: int) -> bytes:
+    return bytes([0x90 | n]) if n < 16 else (b"\xdc" + struct.pack(">H", n) if n < 2**16 else b"\xdd" + struct.pack(">I", n))
+
+
+def encode(msg: dict) -> list:
+    """The frame for `msg` as a list of buffers (header first) to hand to `sendmsg` as they are."""
+    if not isinstance(msg, dict):
+        raise ProtocolError("a frame holds one msgpack map")
+    enc = _Encoder()
+    enc.value(msg)
+    return enc.finish()
+
+
+# --------------------------------------------------------------------------------------- decode
+_FIXED = {0xca: ">f", 0xcb: ">d", 0xcc: ">B", 0xcd: ">H", 0xce: ">I", 0xcf: ">Q",
+          0xd0: ">b", 0xd1: ">h", 0xd2: ">i", 0xd3: ">q"}
+_LEN = {0xc4: ">B", 0xc5: ">H", 0xc6: ">I", 0xd9: ">B", 0xda: ">H", 0xdb: ">I",
+        0xdc: ">H", 0xdd: ">I", 0xde: ">H", 0xdf: ">I"}
+
+
+def decode(buf) -> object:
+    """One msgpack object from `buf`; bin values come back as memoryviews into `buf` (no copy).
+    Raises ProtocolError on anything malformed, truncated, too deep, or followed by extra bytes."""
+    mv = memoryview(buf).cast("B")
+    try:
+        obj, pos = _decode(mv, 0, 0)
+    except (struct.error, IndexError):
+        raise ProtocolError("truncated msgpack data") from None
+    if pos != len(mv):
+        raise ProtocolError(f"{len(mv) - pos} stray bytes after the msgpack map")
+    return obj
+
+
+def _decode(mv: memoryview, pos: int, depth: int):
+    b = mv[pos]
+    pos += 1
+    if b <= 0x7f:
+        return b, pos
+    if b >= 0xe0:
+        return b - 0x100, pos
+    if b in _FIXED:
+        fmt = _FIXED[b]
+        return struct.unpack_from(fmt, mv, pos)[0], pos + struct.calcsize(fmt)
+    if 0x80 <= b <= 0x9f or b in (0xdc, 0xdd, 0xde, 0xdf):
+        if b <= 0x9f:
+            n = b & 0x0f
+        else:
+            n = struct.unpack_from(_LEN[b], mv, pos)[0]
+            pos += struct.calcsize(_LEN[b])
+        is_map = b <= 0x8f or b >= 0xde
+        if depth >= MAX_DEPTH:
+            raise ProtocolError("msgpack data nested too deeply")
+        if n * (2 if is_map else 1) > len(mv) - pos:
+            raise ProtocolError(f"msgpack container declares {n} items but the frame is too short")
+        if not is_map:
+            out = []
+            for _ in range(n):
+                x, pos = _decode(mv, pos, depth + 1)
+                out.append(x)
+            return out, pos
+        d = {}
+        for _ in range(n):
+            k, pos = _decode(mv, pos, depth + 1)
+            if isinstance(k, memoryview):
+                k = k.tobytes()
+            elif isinstance(k, (list, dict)):
+                raise ProtocolError("msgpack map key is not a scalar")
+            d[k], pos = _decode(mv, pos, depth + 1)
+        return d, pos
+    if 0xa0 <= b <= 0xbf or b in (0xc4, 0xc5, 0xc6, 0xd9, 0xda, 0xdb):
+        if b <= 0xbf:
+            n = b & 0x1f
+        else:
+            n = struct.unpack_from(_LEN[b], mv, pos)[0]
+            pos += struct.calcsize(_LEN[b])
+        if pos + n > len(mv):
+            raise ProtocolError("msgpack string/bin runs past the end of the frame")
+        chunk = mv[pos:pos + n]
+        if b in (0xc4, 0xc5, 0xc6):
+            return chunk, pos + n
+        try:
+            return str(chunk, "utf-8"), pos + n
+        except UnicodeDecodeError:
+            raise ProtocolError("msgpack string is not valid UTF-8") from None
+    if b == 0xc0:
+        return None, pos
+    if b in (0xc2, 0xc3):
+        return b == 0xc3, pos
+    raise ProtocolError(f"unsupported msgpack type byte 0x{b:02x}")
+
+
+def decode_tensors(entries, what: str = "tensors") -> dict:
+    """[tensor map, ...] -> {name: np.ndarray}, arrays viewing the receive buffer. ProtocolError if bad."""
+    if not isinstance(entries, list):
+        raise ProtocolError(f"{what} must be a list of tensor maps")
+    out = {}
+    for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+            raise ProtocolError(f"each of {what} must be a map with a string 'name'")
+        name, dtype, shape, data = e["name"], e.get("dtype"), e.get("shape"), e.get("data")
+        if dtype not in DTYPES:
+            raise ProtocolError(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        if (not isinstance(shape, list) or len(shape) > 32
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
+            raise ProtocolError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
+        if not isinstance(data, memoryview):
+            raise ProtocolError(f"tensor {name!r}: data must be msgpack bin")
+        dt = np.dtype(dtype).newbyteorder("<")
+        want = dt.itemsize
+        for d in shape:
+            want *= d
+        if want != data.nbytes:
+            raise ProtocolError(f"tensor {name!r}: shape {shape} of {dtype} needs {want} bytes, got {data.nbytes}")
+        if name in out:
+            raise ProtocolError(f"tensor {name!r} appears twice")
+        out[name] = np.frombuffer(data, dtype=dt).reshape(shape)
+    return out
+
+
+# ------------------------------------------------------------------------------------- channel
+class Channel:
+    """One framed connection over a blocking socket. Every call takes an absolute `deadline`
+    (time.monotonic seconds, or None for no limit) and raises TimeoutError past it."""
+
+    def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME):
+        self.sock, self.max_frame = sock, max_frame
+        self.bytes_sent = self.bytes_received = 0
+        self._head = bytearray(4)
+
+    def _timeout(self, deadline):
+        if deadline is None:
+            self.sock.settimeout(None)
+        else:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("deadline passed")
+            self.sock.settimeout(left)
+
+    def send(self, msg: dict, deadline: float | None = None) -> int:
+        bufs = [memoryview(b).cast("B") for b in encode(msg)]
+        total = sum(b.nbytes for b in bufs)
+        i = 0
+        while i < len(bufs):
+            self._timeout(deadline)
+            sent = self.sock.sendmsg(bufs[i:i + _IOV_MAX])
+            while sent and i < len(bufs):
+                if sent >= bufs[i].nbytes:
+                    sent -= bufs[i].nbytes
+                    i += 1
+                else:
+                    bufs[i], sent = bufs[i][sent:], 0
+        self.bytes_sent += total
+        return total
+
+    def _fill(self, view: memoryview, deadline, at_boundary: bool) -> None:
+        got = 0
+        while got < len(view):
+            self._timeout(deadline)
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                if at_boundary and got == 0:
+                    raise ConnectionClosed("peer closed the connection")
+                raise ProtocolError(f"truncated frame: connection closed after {got} of {len(view)} bytes")
+            got += n
+
+    def recv_frame(self, deadline: float | None = None, frame_timeout: float | None = None) -> memoryview:
+        """The body of the next frame. `deadline` bounds the wait for its header; once the header
+        is in, the rest must come within `frame_timeout` seconds (if given) instead."""
+        self._fill(memoryview(self._head), deadline, at_boundary=True)
+        (n,) = _HEADER.unpack(self._head)
+        if n > self.max_frame:
+            raise FrameTooLarge(f"frame of {n} bytes exceeds the maximum of {self.max_frame} bytes")
+        if n == 0:
+            raise ProtocolError("empty frame")
+        body = memoryview(np.empty(n, np.uint8))
+        self._fill(body, time.monotonic() + frame_timeout if frame_timeout is not None else deadline,
+                   at_boundary=False)
+        self.bytes_received += n + 4
+        return body
+
+    def recv(self, deadline: float | None = None, frame_timeout: float | None = None) -> dict:
+        msg = decode(self.recv_frame(deadline, frame_timeout))
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            raise ProtocolError("a frame must hold a msgpack map with a string 'type'")
+        return msg
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------------------------ messages
+def new_nonce() -> bytes:
+    return os.urandom(32)
+
+
+def auth_digest(token: bytes, nonce: bytes, model: str, manifest_sha256: str) -> bytes:
+    return hmac.new(token, b"|".join([bytes(nonce), model.encode(), manifest_sha256.encode()]),
+                    hashlib.sha256).digest()
+
+
+def check_auth(token: bytes, nonce: bytes, model: str, manifest_sha256: str, digest) -> bool:
+    if not isinstance(digest, (bytes, memoryview)):
+        return False
+    return hmac.compare_digest(auth_digest(token, nonce, model, manifest_sha256), bytes(digest))
+
+
+def challenge(nonce: bytes, auth: bool) -> dict:
+    return {"type": "challenge", "version": PROTOCOL_VERSION, "nonce": nonce, "auth": auth}
+
+
+def hello(model: str, manifest_sha256: str, auth: bytes | None) -> dict:
+    return {"type": "hello", "version": PROTOCOL_VERSION, "model": model, "manifest_sha256": manifest_sha256,
+            "auth": auth}
+
+
+def welcome(model: str, manifest_sha256: str) -> dict:
+    return {"type": "welcome", "version": PROTOCOL_VERSION, "model": model, "manifest_sha256": manifest_sha256}
+
+
+def infer(req_id: int, plan_id: str, tensors: dict, deadline_s: float | None) -> dict:
+    return {"type": "infer", "id": req_id, "plan": plan_id, "deadline_s": deadline_s,
+            "tensors": TensorDict(tensors)}
+
+
+def result(req_id: int, outputs: dict, edge_s: float, queue_s: float) -> dict:
+    return {"type": "result", "id": req_id, "outputs": TensorDict(outputs), "edge_s": float(edge_s),
+            "queue_s": float(queue_s)}
+
+
+def error(code: str, message: str, req_id=None) -> dict:
+    return {"type": "error", "id": req_id, "error": {"code": code, "message": message}}
+
+
+def error_of(msg: dict) -> tuple[str, str]:
+    """(code, message) of an error reply, tolerant of a malformed one."""
+    e = msg.get("error") if isinstance(msg.get("error"), dict) else {}
+    return str(e.get("code", INTERNAL)), str(e.get("message", "error reply without a message"))
+
+
+def manifest_identity(part) -> tuple[str, str]:
+    """(model name, manifest sha256) that both sides of one artifact share, from a loaded part."""
+    sha = getattr(part, "manifest_sha256", None)
+    man = getattr(part, "manifest", None)
+    if sha is None and man is not None:
+        sha = getattr(man, "sha256", None)
+    if sha is None:
+        path = getattr(part, "path", None)
+        if path is not None and os.path.exists(os.path.join(str(path), "manifest.msgpack")):
+            with open(os.path.join(str(path), "manifest.msgpack"), "rb") as f:
+                sha = hashlib.sha256(f.read()).hexdigest()
+        elif man is not None and hasattr(man, "to_dict"):
+            sha = hashlib.sha256(msgpack.packb(man.to_dict(), use_bin_type=True)).hexdigest()
+    model = getattr(man, "model", None) or getattr(man, "model_name", None) or getattr(part, "model", None)
+    if not sha or not model:
+        raise ProtocolError("cannot tell the artifact's model name and manifest hash from the loaded part")
+    return str(model), str(sha)
