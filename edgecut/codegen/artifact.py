@@ -1,0 +1,226 @@
+"""build_artifact: an annotated (multi-exit) GraphModule + a PlanTable -> the deployable directory.
+
+```
+OUT/manifest.msgpack, manifest.json   the Manifest (edgecut/codegen/manifest.py)
+OUT/device/<segment>.so, .params      TVM libraries for the device target, and their weights
+OUT/edge/<segment>.so, .params        the same for the edge target
+OUT/onnx/<segment>.onnx               portable copies (backend="onnxruntime")
+OUT/reference.msgpack                 a reference input and what each side must answer (`edgecut check`)
+```
+Reads `gm.meta[meta.EXITS]` (exits and thresholds) and `node.meta[meta.DEVICE_S]` when present
+(to pick a fallback plan when the table has no device-only one). Every library that can run on
+this machine is loaded back from its file and compared with PyTorch; every ONNX copy is compared
+with the TVM output (or PyTorch's) with onnxruntime.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from edgecut import targets as _targets
+from edgecut.codegen.build import build
+from edgecut.codegen.importer import import_segment
+from edgecut.codegen.manifest import (FORMAT_VERSION, REFERENCE, Library, Manifest, TensorSpec, max_error,
+                                      save_arrays, sha256)
+from edgecut.codegen.segment import _ancestors, exit_specs, segment_module, split
+from edgecut.errors import CodegenError
+from edgecut.frontend import meta
+from edgecut.types import Cut, Plan, PlanTable
+
+BACKENDS = ("tvm", "onnxruntime")
+
+
+def _values(gm: fx.GraphModule, example_inputs) -> dict:
+    """Every node's output on the example inputs (numpy), by node name."""
+    values = {}
+
+    class Record(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                values[n.name] = out.detach().cpu().numpy()
+            return out
+
+    with torch.no_grad():
+        Record(gm).run(*[torch.as_tensor(x) for x in example_inputs])
+    return values
+
+
+def fallback_plan(gm: fx.GraphModule, table: PlanTable, exits) -> Plan:
+    """The device-only plan for when the edge is unreachable: the table's device-only plan that
+    meets the deadline with the best accuracy (else its fastest); without one, the whole model up
+    to the most accurate exit whose predicted device time fits (else the earliest exit)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    need = {e.id: _ancestors(nodes[e.output]) - {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+            for e in exits}
+    own = [p for p in table.plans if p.exit in need and need[p.exit] <= set(p.cut.device)]
+    if own:
+        fits = [p for p in own if p.device_s <= table.deadline]
+        if fits:
+            return max(fits, key=lambda p: (-math.inf if math.isnan(p.accuracy) else p.accuracy, -p.device_s))
+        return min(own, key=lambda p: p.device_s)
+    options = []
+    for e in exits:
+        device = _ancestors(nodes[e.output])
+        secs = sum(float(nodes[n].meta.get(meta.DEVICE_S, math.nan)) for n in device)
+        options.append(Plan(e.id, Cut("device", frozenset(device)), secs, 0.0, 0.0, e.accuracy,
+                            feasible=bool(secs <= table.deadline),
+                            shortfall_s=max(0.0, secs - table.deadline) if not math.isnan(secs) else 0.0))
+    fits = [p for p in options if p.feasible]
+    return max(fits, key=lambda p: (-math.inf if math.isnan(p.accuracy) else p.accuracy)) if fits else options[0]
+
+
+def _export(built, path: Path, target) -> None:
+    if target.cc:
+        from tvm.support import cc as _cc
+
+        built.executable.export_library(str(path), fcompile=_cc.cross_compiler(target.cc))
+    else:
+        built.executable.export_library(str(path))
+
+
+def _run_library(lib: Path, params: Path, kind: str, inputs) -> list:
+    from edgecut.codegen.load import _TvmSegment
+
+    return _TvmSegment(lib, params, kind).run(inputs)
+
+
+def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", edge_target="local",
+                   out_dir="build/model", example_inputs=(), *, backend: str = "tvm", onnx: bool = True,
+                   model_name: str | None = None, tolerance: float = 1e-4, progress: bool = True) -> Manifest:
+    """Split `gm` at the cuts of `table`, compile each segment for its side(s), export ONNX copies,
+    check them, and write the artifact directory `out_dir` (replaced if it exists).
+
+    backend="tvm" compiles TVM libraries (device and edge); "onnxruntime" writes only the ONNX
+    copies (for models with ops TVM cannot import). Raises CodegenError when a segment cannot be
+    compiled or disagrees with PyTorch by more than `tolerance` x the output's scale."""
+    if backend not in BACKENDS:
+        raise CodegenError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "onnxruntime" and not onnx:
+        raise CodegenError("backend='onnxruntime' needs onnx=True (the ONNX copies are what it runs)")
+    if not example_inputs:
+        raise CodegenError("build_artifact needs example_inputs (the shapes of the compiled code come from them)")
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    sides = {"device": _targets.get(device_target), "edge": _targets.get(edge_target)}
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    for sub in ("device", "edge", "onnx"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+    # 1. exits, fallback, segments and routes
+    exits = exit_specs(gm, table.plans)
+    fallback = fallback_plan(gm, table, exits)
+    plans = table.plans + (() if any(p.id == fallback.id for p in table.plans) else (fallback,))
+    segments, routes, exits = split(gm, plans, exits)
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    values = _values(gm, example_inputs)
+    tensors = {}
+    for s in segments:
+        for name in (*s.inputs, *s.outputs):
+            if name not in values:
+                raise CodegenError(f"segment {s.name}: node {name!r} does not produce a tensor, but crosses "
+                                   "segments; cut elsewhere (only tensors can be sent or passed on)")
+            tensors[name] = TensorSpec(name, str(values[name].dtype), tuple(values[name].shape))
+    inputs = tuple(tensors.get(p) or TensorSpec(p, str(values[p].dtype), tuple(values[p].shape))
+                   for p in placeholders)
+    uses = {side: set() for side in sides}
+    for r in routes.values():
+        uses["device"].update(r.device, *(h for _, _, h in r.checks))
+        uses["edge"].update(r.edge)
+
+    # 2. compile, export and check every segment
+    libraries, onnx_files, checks, files = [], {}, {}, []
+    work = [(s, side) for s in segments for side in sides if s.name in uses[side]]
+    bar = tqdm(total=len(work) + (len(segments) if onnx else 0), desc="codegen", unit="seg",
+               disable=not progress, leave=False)
+    for s in segments:
+        seg_gm = segment_module(gm, s)
+        ins = [values[i] for i in s.inputs]
+        want = [values[o] for o in s.outputs]
+        check = checks.setdefault(s.name, {})
+        tvm_out = None
+        if backend == "tvm" and any(s.name in uses[side] for side in sides):
+            mod, params = import_segment(seg_gm, [(x.shape, x.dtype) for x in ins], name=s.name)
+            built_for = {}
+            for side, target in sides.items():
+                if s.name not in uses[side]:
+                    continue
+                bar.set_postfix_str(f"{s.name} for {target.name}")
+                lib, par = f"{side}/{s.name}.so", f"{side}/{s.name}.params"
+                if target.name in built_for:          # same target on both sides: compile once
+                    shutil.copyfile(out / built_for[target.name][0], out / lib)
+                    shutil.copyfile(out / built_for[target.name][1], out / par)
+                else:
+                    try:
+                        built = build(mod, params, target, num_inputs=len(ins))
+                        _export(built, out / lib, target)
+                    except Exception as e:
+                        raise CodegenError(f"compiling segment {s.name} ({', '.join(s.nodes[:3])}...) for "
+                                           f"target {target.name} failed: {type(e).__name__}: "
+                                           f"{(str(e).strip().splitlines() or [''])[-1][:300]}") from e
+                    save_arrays(out / par, built.params)
+                    built_for[target.name] = (lib, par)
+                libraries.append(Library(side, s.name, "tvm", lib, par, target.name,
+                                         str(target.tvm_target()), target.arch))
+                files += [lib, par]
+                if target.runs_here and tvm_out is None:
+                    tvm_out = _run_library(out / lib, out / par, target.tvm.get("kind", "llvm"), ins)
+                    err = max(max_error(g, w) for g, w in zip(tvm_out, want))
+                    check["tvm_vs_torch"] = err
+                    if err > tolerance:
+                        raise CodegenError(f"segment {s.name} compiled for {target.name} differs from PyTorch by "
+                                           f"{err:.2e} x the output's scale (tolerance {tolerance:g})")
+                bar.update(1)
+        if onnx:
+            bar.set_postfix_str(f"{s.name} to ONNX")
+            from edgecut.codegen.onnx_export import OnnxSegment, export_segment
+
+            path = f"onnx/{s.name}.onnx"
+            export_segment(seg_gm, ins, out / path, s.inputs, s.outputs)
+            got = OnnxSegment(out / path, s.inputs).run(ins)
+            against = tvm_out if tvm_out is not None else want
+            err = max(max_error(g, w) for g, w in zip(got, against))
+            check["onnx_vs_tvm" if tvm_out is not None else "onnx_vs_torch"] = err
+            if err > tolerance:
+                raise CodegenError(f"ONNX copy of segment {s.name} differs from "
+                                   f"{'TVM' if tvm_out is not None else 'PyTorch'} by {err:.2e} x the output's scale")
+            onnx_files[s.name] = path
+            files.append(path)
+            bar.update(1)
+    bar.close()
+
+    # 3. the reference for `edgecut check`: model inputs, each exit's logits, the tensors an edge gets
+    edge_plans = [p for p in plans if routes[p.id].edge]
+    ref = {"inputs": {p: values[p] for p in placeholders},
+           "logits": {str(e.id): values[e.output] for e in exits}}
+    if edge_plans:
+        p = min(edge_plans, key=lambda p: sum(values[c].nbytes for c in routes[p.id].crossing))
+        ref["edge"] = {"plan": p.id, "tensors": {c: values[c] for c in routes[p.id].crossing}}
+    save_arrays(out / REFERENCE, ref)
+    files.append(REFERENCE)
+
+    import tvm
+
+    versions = {"edgecut": _edgecut_version(), "tvm": tvm.__version__, "torch": torch.__version__,
+                "python": platform.python_version()}
+    manifest = Manifest(model_name or type(gm).__name__, inputs, tuple(segments), tensors, table, fallback,
+                        routes, tuple(exits), tuple(libraries), onnx_files,
+                        {f: sha256(out / f) for f in sorted(set(files))},
+                        {side: t.to_dict() for side, t in sides.items()}, versions, checks, REFERENCE,
+                        FORMAT_VERSION)
+    manifest.write(out)
+    return manifest
+
+
+def _edgecut_version() -> str:
+    import edgecut
+
+    return edgecut.__version__

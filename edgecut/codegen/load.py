@@ -1,0 +1,172 @@
+"""`edgecut.load(path, side="device" | "edge")`: run one side of an artifact. Torch-free.
+
+Needs only numpy, msgpack and the TVM *runtime* (`tvm.runtime.load_module`,
+`tvm.runtime.vm.VirtualMachine`: a Pi's runtime-only TVM has no `tvm.relax`), or onnxruntime
+with `backend="onnxruntime"`. Every file the side uses is checked against the manifest's sha256
+before anything is loaded.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgecut.codegen.manifest import Manifest, entropy, load_arrays, verify_files
+from edgecut.errors import ArtifactError
+
+SIDES = ("device", "edge")
+BACKENDS = ("tvm", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """`done`: the logits are in `outputs["logits"]`; otherwise `outputs` are the crossing
+    tensors {fx node name: array} to send to the edge. `exit_id`: the exit whose logits were (or
+    will be) produced. `seconds`: wall time of the call."""
+
+    plan_id: str
+    done: bool
+    outputs: dict
+    exit_id: int
+    seconds: float
+
+
+class _TvmSegment:
+    def __init__(self, lib_path: Path, params_path: Path, target_kind: str):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self._tvm = tvm
+        self.dev = tvm.cuda(0) if target_kind == "cuda" else tvm.cpu(0)
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
+        self.main = self.vm["main"]
+        self.params = [tvm.runtime.tensor(np.ascontiguousarray(p), self.dev) for p in load_arrays(params_path)]
+
+    def run(self, inputs) -> list[np.ndarray]:
+        args = [self._tvm.runtime.tensor(np.ascontiguousarray(x), self.dev) for x in inputs]
+        out = self.main(*args, *self.params)
+        return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+
+
+class Part:
+    """One side of an artifact, ready to run (see `edgecut.load`)."""
+
+    def __init__(self, path: str | Path, side: str = "device", backend: str = "tvm", *, verify: bool = True):
+        if side not in SIDES:
+            raise ArtifactError(f"side must be one of {SIDES}, got {side!r}")
+        if backend not in BACKENDS:
+            raise ArtifactError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.path, self.side, self.backend = Path(path), side, backend
+        self.manifest = m = Manifest.read(self.path)
+        self.table = m.table
+        self.fallback_plan_id = m.fallback.id
+        self.input_names = tuple(t.name for t in m.inputs) if side == "device" else ()
+        self._segments = {s.name: s for s in m.segments}
+        needed = self.segments_needed(m, side)
+        files = self._files(needed)
+        if verify:
+            verify_files(self.path, m, [f for pair in files.values() for f in pair if f])
+        self._run = {name: self._open(name, *files[name]) for name in needed}
+
+    @staticmethod
+    def segments_needed(m: Manifest, side: str) -> list[str]:
+        names = set()
+        for r in m.routes.values():
+            if side == "device":
+                names.update(r.device)
+                names.update(h for _, _, heads in r.checks for h in heads)
+            else:
+                names.update(r.edge)
+        return [s.name for s in m.segments if s.name in names]
+
+    def _files(self, needed) -> dict:
+        if self.backend == "onnxruntime":
+            missing = [s for s in needed if not self.manifest.onnx.get(s)]
+            if missing:
+                raise ArtifactError(f"{self.path}: no ONNX copy of segments {missing}; rebuild with onnx=True")
+            return {s: (self.manifest.onnx[s], "") for s in needed}
+        libs = self.manifest.libraries_of(self.side, "tvm")
+        missing = [s for s in needed if s not in libs]
+        if missing:
+            raise ArtifactError(f"{self.path}: no TVM library of segments {missing} for the {self.side}; "
+                                "use backend='onnxruntime' or rebuild with backend='tvm'")
+        arch = platform.machine()
+        for s in needed:
+            lib = libs[s]
+            if lib.arch != arch and not (lib.arch in ("aarch64", "arm64") and arch in ("aarch64", "arm64")):
+                raise ArtifactError(f"{self.path}: the {self.side} libraries were built for {lib.arch} "
+                                    f"(target {lib.target}), this machine is {arch}; run them there, or "
+                                    "use backend='onnxruntime' here")
+        return {s: (libs[s].file, libs[s].params) for s in needed}
+
+    def _open(self, name: str, file: str, params: str):
+        seg = self._segments[name]
+        if self.backend == "onnxruntime":
+            from edgecut.codegen.onnx_export import OnnxSegment
+
+            return OnnxSegment(self.path / file, seg.inputs).run
+        kind = self.manifest.targets.get(self.side, {}).get("tvm", {}).get("kind", "llvm")
+        return _TvmSegment(self.path / file, self.path / params, kind).run
+
+    # --- running ---------------------------------------------------------------------------
+    def _check_tensors(self, tensors, names, what: str) -> None:
+        if not isinstance(tensors, dict):
+            raise ArtifactError(f"{what}: tensors must be a dict name -> numpy array")
+        if set(tensors) != set(names):
+            raise ArtifactError(f"{what}: expected tensors {sorted(names)}, got {sorted(tensors)}")
+        for n in names:
+            spec = self.manifest.tensors.get(n) or next(t for t in self.manifest.inputs if t.name == n)
+            spec.check(tensors[n], what)
+
+    def _segment(self, name: str, env: dict) -> None:
+        seg = self._segments[name]
+        outs = self._run[name]([env[i] for i in seg.inputs])
+        env.update(zip(seg.outputs, outs))
+
+    def run(self, plan_id: str, tensors: dict, early_exit: bool = True) -> RunResult:
+        """Run this side's part of plan `plan_id` (see `RunResult`)."""
+        t0 = time.perf_counter()
+        route = self.manifest.route(plan_id)
+        what = f"plan {plan_id!r} on the {self.side}"
+        env = dict(tensors) if isinstance(tensors, dict) else tensors
+        if self.side == "edge":
+            if route.device_only:
+                raise ArtifactError(f"{what}: the plan is device-only, nothing runs on the edge")
+            self._check_tensors(tensors, route.crossing, what)
+            for name in route.edge:
+                self._segment(name, env)
+            logits = env[self.manifest.exit(route.exit).output]
+            return RunResult(plan_id, True, {"logits": logits}, route.exit, time.perf_counter() - t0)
+        self._check_tensors(tensors, self.input_names, what)
+        checks = route.checks if early_exit else ()
+        for k in range(len(route.device) + 1):
+            for kk, eid, heads in checks:
+                if kk != k:
+                    continue
+                for name in heads:
+                    self._segment(name, env)
+                ex = self.manifest.exit(eid)
+                logits = env[ex.output]
+                if not math.isnan(ex.threshold) and entropy(logits) < ex.threshold:
+                    return RunResult(plan_id, True, {"logits": logits}, eid, time.perf_counter() - t0)
+            if k < len(route.device):
+                self._segment(route.device[k], env)
+        if route.device_only:
+            logits = env[self.manifest.exit(route.exit).output]
+            return RunResult(plan_id, True, {"logits": logits}, route.exit, time.perf_counter() - t0)
+        return RunResult(plan_id, False, {c: env[c] for c in route.crossing}, route.exit, time.perf_counter() - t0)
+
+    def __repr__(self) -> str:
+        return (f"Part({str(self.path)!r}, side={self.side!r}, backend={self.backend!r}, "
+                f"segments={list(self._run)}, plans={len(self.manifest.routes)})")
+
+
+def load(path: str | Path, side: str = "device", backend: str = "tvm", *, verify: bool = True) -> Part:
+    """Load one side of the artifact directory `path`: `part.run(plan_id, tensors)`.
+
+    Refuses files whose sha256 differs from the manifest and manifests of a newer format."""
+    return Part(path, side, backend, verify=verify)
