@@ -1,0 +1,76 @@
+"""Features of a layer for the latency regressors: pure functions of a node's metadata.
+
+Two feature sets per node:
+- Edgent's (the paper's Table 1), as `annotate_layers` wrote them in `meta.FEATURES`:
+  conv x1 = input feature-map elements, x2 = (kernel/stride)^2 * filters; linear and pool
+  (input size, output size); relu, lrn, dropout (input size,).
+- The work features used by edgecut's default regressors (`WORK`): MACs, input elements,
+  output elements and parameter elements. Latency of compiled code is close to a power law of
+  these, which a linear model on their logarithms captures.
+
+Fusion: TVM's FuseOps folds elementwise ops (relu, batchnorm at inference, residual add, ...)
+into the conv/matmul/pool that produces them, so such a node costs only a small epilogue.
+`fused_into` says when that happens.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgecut.frontend import meta as M
+
+WORK = ("macs", "in_elems", "out_elems", "params")
+
+# Elementwise kinds that TVM fuses into their producer's kernel.
+ELEMENTWISE = frozenset({M.RELU, M.ACTIVATION, M.BN, M.ADD, M.MUL, M.DROPOUT, M.RESHAPE})
+# Producers whose output an elementwise op can be fused into (TVM's "out-elementwise fusable"
+# ops, plus injective ones).
+FUSABLE_PRODUCERS = frozenset({M.CONV, M.DWCONV, M.LINEAR, M.MAXPOOL, M.AVGPOOL}) | ELEMENTWISE
+# Activations that are not elementwise (reductions) never fuse as an epilogue.
+_NOT_ELEMENTWISE_FN = frozenset({"Softmax", "LogSoftmax", "softmax", "log_softmax", "_softmax"})
+
+
+def _elems(shape) -> int:
+    if shape is None:
+        return 0
+    if shape and isinstance(shape[0], tuple):
+        return sum(_elems(s) for s in shape)
+    return math.prod(shape)
+
+
+def work_features(node) -> dict:
+    """{'macs', 'in_elems', 'out_elems', 'params'} of an annotated fx node."""
+    m = node.meta
+    return {"macs": float(m.get(M.MACS, 0)), "in_elems": float(m.get(M.IN_ELEMS, 0)),
+            "out_elems": float(_elems(m.get(M.SHAPE))), "params": float(m.get(M.PARAMS, 0))}
+
+
+def edgent_features(node) -> tuple:
+    """Edgent's (x1[, x2]) of an annotated fx node."""
+    return tuple(float(v) for v in node.meta.get(M.FEATURES, ()))
+
+
+def is_elementwise(node) -> bool:
+    kind = node.meta.get(M.KIND)
+    return kind in ELEMENTWISE and node.meta.get(M.MODULE_TYPE) not in _NOT_ELEMENTWISE_FN
+
+
+def fused_into(node) -> bool:
+    """True when TVM fuses `node` into the kernel of one of its producers: an elementwise op
+    whose tensor input comes from a conv/linear/pool or from another fused elementwise op."""
+    if not is_elementwise(node):
+        return False
+    producers = [a for a in node.all_input_nodes if a.op not in ("get_attr",)]
+    return any(a.op != "placeholder" and a.meta.get(M.KIND) in FUSABLE_PRODUCERS
+               and (a.meta.get(M.KIND) not in ELEMENTWISE or is_elementwise(a)) for a in producers)
+
+
+def work_matrix(rows: list[dict]) -> np.ndarray:
+    """Stack work-feature dicts into an (n, 4) float array, columns in `WORK` order."""
+    return np.array([[float(r[k]) for k in WORK] for r in rows], dtype=float).reshape(len(rows), len(WORK))
+
+
+def edgent_matrix(rows: list[tuple]) -> np.ndarray:
+    width = max((len(r) for r in rows), default=1)
+    return np.array([list(r) + [0.0] * (width - len(r)) for r in rows], dtype=float).reshape(len(rows), width)
