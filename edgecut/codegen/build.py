@@ -8,15 +8,34 @@ Contract: `mod["main"]` takes the model inputs first, then the weights (as produ
 `relax.frontend.torch.from_fx(..., keep_params_as_input=True)` and `detach_params`). `build`
 returns the executable plus the weights *as the executable wants them* (any layout transform is
 done here, once, at compile time); at run time call `main(*inputs, *built.params)`.
+
+The pipeline, top to bottom (`prepare` is shared with `edgecut.codegen.tune`, so a tuning
+database recorded there matches the functions built here):
+
+    prepare     batch norm -> element-wise, convolutions to NHWC/HWIO, ops -> TIR, fuse
+                producers with their element-wise consumers, lift weight-only work out of main
+    weights     run the lifted `main_transform_params` once on the host (layout changes,
+                transposed dense weights): the library never pays for them at run time
+    schedule    tuned records from the user's tuning database where they exist, then
+                edgecut's own schedule rules (edgecut/codegen/schedules) for every other kernel
+    compile     Relax VM lowering + LLVM for the target (mcpu resolved for the host)
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from edgecut import targets as _targets
 from edgecut.targets import Target
+
+log = logging.getLogger(__name__)
+
+# Convolutions run channels-last: the output channel is the contiguous axis of both the output
+# and the (HWIO) weight, which is what the register-blocked kernel vectorizes.
+DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 
 
 @dataclass
@@ -27,10 +46,105 @@ class Built:
     num_inputs: int
 
 
-def build(mod, params, target: Target | str, *, num_inputs: int = 1) -> Built:
-    """Compile `mod` for `target` (default TVM pipeline for now)."""
+def build(mod, params, target: Target | str, *, num_inputs: int = 1, schedule: bool = True,
+          tuning_dir: str | Path | None | bool = None) -> Built:
+    """Compile `mod` for `target` with edgecut's schedules.
+
+    schedule: False compiles TVM's unscheduled default (slow; for comparison only).
+    tuning_dir: a MetaSchedule database folder (from `edgecut tune`) to apply first; None looks
+    in the user's cache (`edgecut.codegen.tune.database_dir(target)`) and in the databases
+    shipped with edgecut; False ignores every database.
+    """
     import tvm
 
     t = _targets.get(target)
-    ex = tvm.compile(mod, target=t.tvm_target())
-    return Built(ex, [np.asarray(p.numpy() if hasattr(p, "numpy") else p) for p in params], t, num_inputs)
+    tvm_target = t.tvm_target()
+    params = [_to_numpy(p) for p in params]
+    if not schedule:
+        ex = tvm.compile(mod, target=tvm_target)
+        return Built(ex, params, t, num_inputs)
+
+    main_mod, weights_mod = prepare(mod, num_inputs)
+    new_params = transform_weights(weights_mod, params)
+    with tvm_target:
+        main_mod = apply_schedules(main_mod, tvm_target, _databases(t, tuning_dir))
+    ex = tvm.compile(main_mod, target=tvm_target)
+    return Built(ex, new_params, t, num_inputs)
+
+
+def prepare(mod, num_inputs: int = 1):
+    """Legalize, re-layout and fuse `mod`; return (main module, weight-transform module or None).
+
+    The main module's `main` takes the inputs then the transformed weights; the weight module's
+    `main_transform_params` maps the original weights to those."""
+    import tvm
+    from tvm import relax
+
+    mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    mod["main"] = mod["main"].with_attr("num_input", num_inputs)
+    seq = tvm.transform.Sequential([
+        relax.transform.DecomposeOpsForInference(),   # batch norm -> scale/shift, fusable
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.ConvertLayout(DESIRED_LAYOUTS),  # NCHW/OIHW -> NHWC/HWIO
+        relax.transform.LegalizeOps(),                # every op -> a TIR PrimFunc
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),                    # conv/dense + bias, BN, ReLU, residual add
+        relax.transform.FuseTIR(),
+        relax.transform.LiftTransformParams(),        # weight-only work -> main_transform_params
+        relax.transform.DeadCodeElimination(),
+    ])
+    mod = seq(mod)
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    main_mod = relax.transform.DeadCodeElimination(entry_functions=["main"])(mod)
+    weights_mod = None
+    if "main_transform_params" in names:
+        weights_mod = relax.transform.DeadCodeElimination(
+            entry_functions=["main_transform_params"])(mod)
+    return main_mod, weights_mod
+
+
+def transform_weights(weights_mod, params: list[np.ndarray]) -> list[np.ndarray]:
+    """Run `main_transform_params` once, on this machine, and return the weights `main` wants."""
+    if weights_mod is None:
+        return list(params)
+    import tvm
+    from tvm import relax
+
+    host = _targets.get("local").tvm_target()
+    with host:
+        weights_mod = apply_schedules(weights_mod, host, [])
+    ex = tvm.compile(weights_mod, target=host)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main_transform_params"]([tvm.runtime.tensor(p) for p in params])
+    return [np.asarray(o.numpy()) for o in out]
+
+
+def apply_schedules(mod, tvm_target, databases: list):
+    """Schedule every PrimFunc: tuned records first (from `databases`), rules for the rest."""
+    from tvm import relax
+
+    from edgecut.codegen.schedules import schedule_module
+
+    for db in databases:
+        with db:  # MetaScheduleApplyDatabase reads the current database
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    return schedule_module(mod, tvm_target)
+
+
+def _databases(t: Target, tuning_dir) -> list:
+    if tuning_dir is False:
+        return []
+    from edgecut.codegen import tune
+
+    dirs = [Path(tuning_dir)] if tuning_dir not in (None, True) else tune.database_dirs(t)
+    out = []
+    for d in dirs:
+        db = tune.open_database(d)
+        if db is not None:
+            out.append(db)
+    return out
+
+
+def _to_numpy(p) -> np.ndarray:
+    return np.asarray(p.numpy() if hasattr(p, "numpy") else p)

@@ -1,0 +1,95 @@
+"""edgecut's schedule rules for CPU code, applied without any search.
+
+`schedule_module(mod, target)` schedules every PrimFunc of a fused Relax module (after
+LegalizeOps, FuseOps, FuseTIR): one reduction (convolution, dense, pooling) gets the
+register-blocked micro-kernel of `reduction.py` with its element-wise epilogue computed per tile;
+producers that only move data are inlined, padding stays a separate vectorized pass; everything
+else gets the flat parallel + vectorized rule of `injective.py`. The rules read only the shapes
+of the blocks, never a model name, and the vector width comes from the target (AVX-512: 16 fp32
+lanes, NEON: 4).
+"""
+from __future__ import annotations
+
+from edgecut.codegen.schedules.common import has_if_then_else, is_reduction, vector_lanes
+from edgecut.codegen.schedules.injective import schedule_injective, schedule_outer_parallel
+from edgecut.codegen.schedules.reduction import plan_tiles, schedule_reduction
+
+__all__ = ["schedule_module", "schedule_func", "vector_lanes", "plan_tiles"]
+
+
+def schedule_func(func, target):
+    """Return `func` (a tirx.PrimFunc) scheduled for `target`, or unchanged if already scheduled."""
+    from tvm import s_tir
+    from tvm.ir import IRModule
+
+    if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
+        return func
+    lanes = vector_lanes(target)
+    sch = s_tir.Schedule(IRModule({"main": func}))
+    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
+    blocks = list(sch.get_child_blocks(root))
+    reds = [b for b in blocks if is_reduction(sch, b)]
+    if len(reds) == 1:
+        _schedule_one_reduction(sch, blocks, reds[0], lanes)
+    else:
+        _inline_data_movement(sch, blocks)
+        for b in sch.get_child_blocks(root):
+            if is_reduction(sch, b):
+                schedule_outer_parallel(sch, b)
+            else:
+                schedule_injective(sch, b, lanes)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _schedule_one_reduction(sch, blocks, main, lanes):
+    names = [sch.get(b).name_hint for b in blocks]
+    idx = names.index(sch.get(main).name_hint)
+    # producers: inline pure data movement (transposes, reshapes); keep padding materialized
+    for b in reversed(blocks[:idx]):
+        if not has_if_then_else(sch, b):
+            _try(sch.compute_inline, b)
+    # consumers: fold the element-wise chain into one block that runs per output tile
+    for b in reversed(blocks[idx + 1:]):
+        _try(sch.reverse_compute_inline, b)
+    if not schedule_reduction(sch, main, lanes):
+        schedule_outer_parallel(sch, main)
+    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
+    main_loops = sch.get_loops(main)
+    for b in sch.get_child_blocks(root):
+        if not _shares_outer_loop(sch, b, main_loops):
+            schedule_injective(sch, b, lanes)
+
+
+def _inline_data_movement(sch, blocks):
+    for b in blocks[:-1]:
+        if not is_reduction(sch, b):
+            _try(sch.compute_inline, b)
+
+
+def _shares_outer_loop(sch, block, main_loops) -> bool:
+    """True if `block` sits in the reduction's loop nest (the reduction, its init, an epilogue)."""
+    loops = sch.get_loops(block)
+    if not main_loops:
+        return not loops
+    return bool(loops) and sch.get_sref(loops[0]).same_as(sch.get_sref(main_loops[0]))
+
+
+def _try(fn, *args) -> bool:
+    try:
+        fn(*args)
+        return True
+    except Exception:  # noqa: BLE001 - a schedule primitive refused: keep the block as is
+        return False
+
+
+def schedule_module(mod, target):
+    """Schedule every unscheduled PrimFunc in `mod` (an IRModule) for `target`."""
+    import tvm
+
+    out = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            out[gv] = schedule_func(func, target)
+    for gv, func in out.items():
+        mod[gv] = func
+    return mod

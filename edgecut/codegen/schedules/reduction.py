@@ -1,0 +1,119 @@
+"""Rule for a block that reduces (convolution in NHWC/HWIO, grouped and depthwise convolution,
+dense/matmul with the weight stored K x N, pooling): a register-blocked micro-kernel.
+
+Loop nest produced, for output axes (..., r, v) with `v` the contiguous (last) axis:
+
+    parallel  for v_o, ..., r_o            # outer tiles, one task each
+      for rh, rw, rc ...                   # the reduction, unchanged order
+        unroll  for r_i                    # register block over the second-to-last axis
+          unroll  for v_m                  # several vector registers along `v`
+            vector  for v_i                # one SIMD register of lanes
+              acc[r_i, v_m, v_i] += ...
+      epilogue (bias, batch norm, ReLU, residual add) on the tile, still in cache
+
+The accumulator tile stays in registers (r_i * v_m <= 24 vectors), the weights are read
+contiguously along `v` and the input is broadcast. Tile sizes are divisors of the extents, so
+the code has no tail predicates; the rule is generic over shapes.
+"""
+from __future__ import annotations
+
+from edgecut.codegen.schedules.common import COMM_REDUCE, extent, largest_divisor, pow2_divisor
+
+MAX_ACC_VECTORS = 24
+REG_CANDIDATES = (8, 7, 6, 5, 4, 3, 2)
+VEC_CANDIDATES = (8, 6, 4, 3, 2)
+
+
+def plan_tiles(spatial_extents: list[int], lanes: int) -> tuple[int, int, int, int, int]:
+    """(vec_axis, v, nvec, reg_axis, reg) for the spatial extents of a reduction block.
+
+    vec_axis: the last spatial axis longer than 1; v: SIMD lanes used on it; nvec: registers
+    along it; reg_axis/reg: the register block on the previous axis longer than 1 (-1/1 if none).
+    """
+    vec_axis = max((i for i, e in enumerate(spatial_extents) if e > 1), default=-1)
+    if vec_axis < 0:
+        return -1, 1, 1, -1, 1
+    ext = spatial_extents[vec_axis]
+    v = pow2_divisor(ext, lanes)
+    reg_axis = max((i for i, e in enumerate(spatial_extents[:vec_axis]) if e > 1), default=-1)
+    reg = largest_divisor(spatial_extents[reg_axis], REG_CANDIDATES) if reg_axis >= 0 else 1
+    budget = max(1, MAX_ACC_VECTORS // reg)
+    nvec = largest_divisor(ext // v, tuple(c for c in VEC_CANDIDATES if c <= budget))
+    return vec_axis, v, nvec, reg_axis, reg
+
+
+def schedule_reduction(sch, block, lanes: int) -> bool:
+    """Tile one reduction block as the register-blocked micro-kernel above. Epilogue blocks
+    that consume it are inlined into one and computed per tile. Returns False (schedule
+    unchanged) when the block's loops do not map one to one onto its iteration variables."""
+    loops = sch.get_loops(block)
+    iters = sch.get(block).iter_vars
+    if len(loops) != len(iters):
+        return False
+    spatial = [lp for lp, iv in zip(loops, iters) if int(iv.iter_type) != COMM_REDUCE]
+    reduce = [lp for lp, iv in zip(loops, iters) if int(iv.iter_type) == COMM_REDUCE]
+    if not spatial or not reduce:
+        return False
+    ext = [extent(sch, lp) for lp in spatial]
+    vec_axis, v, nvec, reg_axis, reg = plan_tiles(ext, lanes)
+
+    outer, inner = [], []
+    vec_outer = vec_inner = None
+    for i, lp in enumerate(spatial):
+        if i == vec_axis:
+            vec_outer, vm, vi = sch.split(lp, [None, nvec, v])
+            inner_vec = [vm, vi]
+        elif i == reg_axis and reg > 1:
+            ro, ri = sch.split(lp, [None, reg])
+            outer.append(ro)
+            inner.append(ri)
+        else:
+            outer.append(lp)
+    if vec_outer is None:  # nothing longer than 1: a scalar reduction
+        inner_vec = []
+    else:
+        outer.insert(0, vec_outer)  # channel tiles outermost: their weights stay in cache
+    sch.reorder(*outer, *reduce, *inner, *inner_vec)
+
+    _attach_epilogue(sch, block, outer[-1], len(outer), lanes)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    if extent(sch, fused) > 1:
+        sch.parallel(fused)
+    for lp in inner:
+        sch.unroll(lp)
+    if inner_vec:
+        sch.unroll(inner_vec[0])
+        if v > 1:
+            sch.vectorize(inner_vec[1])
+    # the init (acc = 0) becomes its own loop nest, before the reduction loops
+    init = sch.decompose_reduction(block, reduce[0])
+    init_loops = sch.get_loops(init)
+    if v > 1 and int(sch.get(init_loops[-1]).kind) != 2:  # not yet ForKind.VECTORIZED
+        sch.vectorize(init_loops[-1])
+    return True
+
+
+def _attach_epilogue(sch, block, loop, n_outer: int, lanes: int) -> None:
+    """Compute the consumers of `block` per output tile (at `loop`); if there are none, add a
+    local accumulator so the reduction does not read and write the output buffer in memory."""
+    consumers = sch.get_consumers(block)
+    if not consumers:
+        sch.cache_write(block, 0, "global")
+        consumers = sch.get_consumers(block)
+    for c in consumers:
+        try:
+            sch.reverse_compute_at(c, loop, preserve_unit_loops=True)
+        except Exception:  # noqa: BLE001 - a consumer that needs more than the tile
+            continue
+        c_loops = sch.get_loops(c)
+        own = c_loops[n_outer:]
+        if own:
+            fused = sch.fuse(*own) if len(own) > 1 else own[0]
+            e = extent(sch, fused)
+            v = pow2_divisor(e, lanes)
+            if v > 1 and v < e:
+                _, vi = sch.split(fused, [None, v])
+                sch.vectorize(vi)
+            elif v == e:
+                sch.vectorize(fused)
+
