@@ -265,6 +265,8 @@ def save_arrays(path: str | Path, arrays) -> None:
             return {k: pack(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [pack(v) for v in x]
+        if isinstance(x, (str, int, float, bool)) or x is None:
+            return x
         return pack_array(np.asarray(x))
     Path(path).write_bytes(msgpack.packb(pack(arrays), use_bin_type=True))
 

@@ -23,14 +23,22 @@ from edgecut.frontend import meta
 from edgecut.types import PlanTable
 
 
+def _num(v) -> float:
+    return math.nan if v is None else float(v)
+
+
 def exit_specs(gm: fx.GraphModule, plans=()) -> list[ExitSpec]:
-    """The exits of `gm` from `gm.meta[meta.EXITS]`, or the graph output as the only exit."""
-    entries = gm.meta.get(meta.EXITS)
+    """The exits of `gm` from `gm.meta[meta.EXITS]` (on a view lowered to one exit, that exit
+    only), or the graph's single output as the only exit (id 0, or the largest a plan names)."""
+    names = {n.name for n in gm.graph.nodes}
+    entries = [e for e in gm.meta.get(meta.EXITS) or () if e.get("output")]
+    lowered = gm.meta.get(meta.EXIT)
+    if lowered is not None:
+        entries = [e for e in entries if e["id"] == lowered]
     if entries:
-        return [ExitSpec(int(e["id"]), e["output"], e.get("point") or e["output"],
-                         float(e.get("accuracy", math.nan) if e.get("accuracy") is not None else math.nan),
-                         float(e.get("threshold", math.nan) if e.get("threshold") is not None else math.nan))
-                for e in sorted(entries, key=lambda e: e["id"])]
+        return [ExitSpec(int(e["id"]), e["output"], e.get("point") or e["output"], _num(e.get("accuracy")),
+                         _num(e.get("threshold")))
+                for e in sorted(entries, key=lambda e: e["id"]) if lowered is not None or e["output"] in names]
     out = next(n for n in gm.graph.nodes if n.op == "output")
     res = out.args[0]
     if isinstance(res, (tuple, list)):
@@ -41,8 +49,8 @@ def exit_specs(gm: fx.GraphModule, plans=()) -> list[ExitSpec]:
         res = res[0]
     if not isinstance(res, fx.Node):
         raise CodegenError("the graph output is not a tensor node; trace a model that returns one tensor")
-    eid = max((p.exit for p in _plans(plans)), default=0)
-    return [ExitSpec(eid, res.name, res.name)]
+    eid = lowered if lowered is not None else max((p.exit for p in _plans(plans)), default=0)
+    return [ExitSpec(int(eid), res.name, res.name)]
 
 
 def _ancestors(node: fx.Node) -> set[str]:
@@ -80,6 +88,13 @@ def split(gm: fx.GraphModule, plans, exits: list[ExitSpec] | None = None):
             raise CodegenError(f"exit {e.id}: logits node {e.output!r} is not in the graph")
     anc = {e.id: _ancestors(nodes[e.output]) for e in exits}
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    for p in plans:
+        device = set(p.cut.device) | set(placeholders)
+        for name in sorted(device & anc[p.exit], key=list(nodes).index):
+            missing = [a.name for a in nodes[name].all_input_nodes if a.op != "get_attr" and a.name not in device]
+            if missing:
+                raise CodegenError(f"plan {p.id!r}: cut {p.cut.name!r} puts {name!r} on the device but not its "
+                                   f"input {missing[0]!r}; a cut's device set must be closed under predecessors")
     cuts = sorted({frozenset(p.cut.device) for p in plans}, key=lambda s: (len(s), sorted(s)))
 
     # 1. signatures -> atoms (segments)
