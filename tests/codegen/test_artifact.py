@@ -184,3 +184,21 @@ def test_cuda_edge_compiles(tmp_path):
         return                                           # compiled only; it runs where a GPU is lent
     res = chain(tmp_path, "e0/mid", x.numpy())
     assert max_error(res.outputs["logits"], model(x).detach().numpy()) <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", zoo.names())
+def test_zoo_three_cuts_reproduce_pytorch(name, tmp_path):
+    """Every zoo model, edge-only / middle / device-only: chained segments match PyTorch (fp32)."""
+    import edgecut
+
+    model = zoo.get(name)
+    x = torch.randn(*zoo.default_input_shape(name))
+    gm = edgecut.trace(model, x)
+    calls = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    table = make_table(gm, three_cuts(gm, [calls[len(calls) // 2]]))
+    build_artifact(gm, table, "local", "local", tmp_path, (x,), onnx=False, progress=False)
+    want = model(x).detach().numpy()
+    for plan in table.plans:
+        res = chain(tmp_path, plan.id, x.numpy())
+        assert res.done and max_error(res.outputs["logits"], want) <= 1e-4, (name, plan.id)
