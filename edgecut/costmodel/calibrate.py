@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.linear_model import LinearRegression
 
 from edgecut.costmodel import regressors
-from edgecut.costmodel.features import WORK, edgent_matrix, work_matrix
+from edgecut.costmodel.features import SHAPE, WORK, edgent_matrix, work_matrix
 from edgecut.costmodel.microbench import Sample
 from edgecut.costmodel.profile import Profile
 from edgecut.errors import ProfileError
@@ -37,8 +37,11 @@ def fit_profile(samples: list[Sample], name: str, target: str, fused_s_per_elem:
         if len(group) < MIN_SAMPLES:
             continue
         y = np.array([s.seconds for s in group])
-        kinds[kind] = regressors.fit_kind(edgent_matrix([s.edgent for s in group]),
-                                          work_matrix([s.work for s in group]), y)
+        rows = [s.work for s in group]
+        X = {"edgent": edgent_matrix([s.edgent for s in group]), "work": work_matrix(rows)}
+        if all(set(SHAPE) <= set(r) for r in rows):
+            X["shape"] = work_matrix(rows, SHAPE)
+        kinds[kind] = regressors.fit_kind(X, y)
         cv = kinds[kind]["cv"].get(kinds[kind]["chosen"])
         if cv:
             mdapes += [cv["mdape"]] * len(group)

@@ -21,6 +21,8 @@ import numpy as np
 from edgecut.frontend import meta as M
 
 WORK = ("macs", "in_elems", "out_elems", "params")
+# WORK plus the layer's geometry: kernels and channel counts decide how well a schedule vectorizes.
+SHAPE = WORK + ("cin", "cout", "kernel", "stride", "hw")
 
 # Elementwise kinds that TVM fuses into their producer's kernel.
 ELEMENTWISE = frozenset({M.RELU, M.ACTIVATION, M.BN, M.ADD, M.MUL, M.DROPOUT, M.RESHAPE})
@@ -40,10 +42,18 @@ def _elems(shape) -> int:
 
 
 def work_features(node) -> dict:
-    """{'macs', 'in_elems', 'out_elems', 'params'} of an annotated fx node."""
+    """The `SHAPE` features of an annotated fx node: MACs, input/output/parameter elements, and
+    input/output channels, kernel area, stride and output spatial size (1 where meaningless)."""
     m = node.meta
+    a = m.get(M.ATTRS) or {}
+    shape = m.get(M.SHAPE)
+    shape = shape if shape and isinstance(shape[0], int) else ()
+    cin = a.get("in_channels", a.get("in_features", shape[1] if len(shape) > 1 else 1))
+    cout = a.get("out_channels", a.get("out_features", shape[1] if len(shape) > 1 else 1))
     return {"macs": float(m.get(M.MACS, 0)), "in_elems": float(m.get(M.IN_ELEMS, 0)),
-            "out_elems": float(_elems(m.get(M.SHAPE))), "params": float(m.get(M.PARAMS, 0))}
+            "out_elems": float(_elems(m.get(M.SHAPE))), "params": float(m.get(M.PARAMS, 0)),
+            "cin": float(cin), "cout": float(cout), "kernel": float(math.prod(a.get("kernel", (1,)))),
+            "stride": float(math.prod(a.get("stride", (1,)))), "hw": float(math.prod(shape[2:]) if shape else 1)}
 
 
 def edgent_features(node) -> tuple:
@@ -66,9 +76,9 @@ def fused_into(node) -> bool:
                and (a.meta.get(M.KIND) not in ELEMENTWISE or is_elementwise(a)) for a in producers)
 
 
-def work_matrix(rows: list[dict]) -> np.ndarray:
-    """Stack work-feature dicts into an (n, 4) float array, columns in `WORK` order."""
-    return np.array([[float(r[k]) for k in WORK] for r in rows], dtype=float).reshape(len(rows), len(WORK))
+def work_matrix(rows: list[dict], columns=WORK) -> np.ndarray:
+    """Stack feature dicts into an (n, len(columns)) float array."""
+    return np.array([[float(r[k]) for k in columns] for r in rows], dtype=float).reshape(len(rows), len(columns))
 
 
 def edgent_matrix(rows: list[tuple]) -> np.ndarray:

@@ -69,8 +69,8 @@ class Profile:
             x = list(edgent) + [0.0] * (est.n_features_in_ - len(edgent))
             x = x[: est.n_features_in_]
         else:
-            from edgecut.costmodel.features import WORK
-            x = [work[k] for k in WORK]
+            from edgecut.costmodel.features import SHAPE, WORK
+            x = [work[k] for k in (SHAPE if d["features"][name] == "shape" else WORK)]
         return float(est.predict(np.asarray([x], dtype=float))[0])
 
     def fallback_seconds(self, work: dict) -> float:

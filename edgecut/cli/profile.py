@@ -1,0 +1,50 @@
+"""`edgecut profile --target local -o profiles/local.json [--quick]`: measure this machine's
+per-layer latencies with the deployed TVM pipeline and fit its cost Profile.
+`edgecut profile --show NAME|PATH` prints a profile's summary."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "profile", help="time layers on this machine and fit its latency cost profile",
+        description="Time a grid of layers of every kind (compiled with edgecut's TVM build, warm-up, medians), "
+                    "fit per-layer-kind regressors, check them on held-out programs, measure model loading and "
+                    "the runtime's per-message overhead, and write a versioned JSON profile. Run it on the "
+                    "device to profile the device (e.g. on a Raspberry Pi: --target pi4).")
+    p.add_argument("--target", default="local", help="target this machine is (default: local)")
+    p.add_argument("-o", "--output", metavar="PATH", help="where to write the profile (default: <target>.json)")
+    p.add_argument("--quick", action="store_true", help="a small grid (under 2 minutes) instead of the default")
+    p.add_argument("--name", help="profile name stored in the file (default: the target name)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the layer grid")
+    p.add_argument("--show", metavar="PROFILE", help="print the summary of a profile (a shipped name or a path) and exit")
+    p.set_defaults(func=run)
+
+
+def summary(prof) -> str:
+    lines = [f"profile {prof.name!r} for target {prof.target!r} ({prof.source}"
+             f"{', UNCALIBRATED' if not prof.calibrated else ''}), measured {prof.date or '?'} "
+             f"with edgecut {prof.edgecut_version or '?'}",
+             f"  error_p95 {prof.error_p95:.1%} (held-out programs), per-layer CV median error "
+             f"{prof.layer_mdape:.1%}", f"  {prof.notes}" if prof.notes else ""]
+    lines.append(f"  {'kind':<13}{'n':>4}  {'chosen':<10} CV weighted error: edgent / work / loglinear / gbt")
+    for kind, d in sorted(prof.kinds.items()):
+        cv = " / ".join(f"{d['cv'][m]['wape']:.1%}" if m in d["cv"] else "-"
+                        for m in ("edgent", "work", "loglinear", "gbt"))
+        lines.append(f"  {kind:<13}{d['n']:>4}  {d['chosen']:<10} {cv}")
+    lines.append(f"  fused elementwise: {prof.fused_s_per_elem * 1e9:.3f} ns/element; loading: "
+                 f"{prof.loading['intercept'] * 1e3:.2f} ms + {prof.loading['s_per_byte'] * 1e9:.3f} ns/byte; "
+                 f"message overhead {prof.message_overhead_s * 1e6:.0f} us")
+    return "\n".join(ln for ln in lines if ln)
+
+
+def run(args) -> int:
+    from edgecut import costmodel
+
+    if args.show:
+        print(summary(costmodel.load_profile(args.show)))
+        return 0
+    prof = costmodel.profile_target(args.target, quick=args.quick, name=args.name, seed=args.seed)
+    path = prof.save(args.output or f"{prof.target}.json")
+    print(summary(prof))
+    print(f"wrote {path}")
+    return 0
