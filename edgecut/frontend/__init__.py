@@ -1,5 +1,18 @@
-"""Turn an nn.Module into a torch.fx GraphModule whose every node carries edgecut metadata."""
+"""Turn an nn.Module into a torch.fx GraphModule whose every node carries edgecut metadata.
+
+`meta` is torch-free; `trace`/`trace_graph` import torch on first use.
+"""
 from edgecut.frontend import meta
-from edgecut.frontend.trace import trace, trace_graph
+
+
+def __getattr__(name: str):
+    if name in ("trace", "trace_graph"):
+        from edgecut.frontend import trace as _trace_mod
+
+        # Importing the submodule binds `edgecut.frontend.trace` to it: rebind both names to functions.
+        globals().update(trace=_trace_mod.trace, trace_graph=_trace_mod.trace_graph)
+        return globals()[name]
+    raise AttributeError(f"module 'edgecut.frontend' has no attribute {name!r}")
+
 
 __all__ = ["meta", "trace", "trace_graph"]
