@@ -116,7 +116,9 @@ class _Encoder:
         if arr.dtype.name not in DTYPES:
             raise ProtocolError(f"tensor {name!r} has dtype {arr.dtype}, which the protocol does not carry; "
                                 f"use one of {sorted(DTYPES)}")
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))   # a no-op when already so
+        want = arr.dtype.newbyteorder("<")
+        if arr.dtype != want or not arr.flags.c_contiguous:
+            arr = arr.astype(want, order="C")        # only then a copy
         self.raw(b"\x85" + self.pack("name") + self.pack(name) + self.pack("dtype") + self.pack(arr.dtype.name)
                  + self.pack("shape") + self.pack([int(d) for d in arr.shape]) + self.pack("pad"))
         # data starts after: pad bin8 header (2) + pad + packed "data" key (5) + bin32 header (5)

@@ -60,8 +60,8 @@ class NumpyPart:
         self.table = table or make_table(self.dims)
         rng = np.random.default_rng(seed)
         d0, d1, d2, c = self.dims
-        self.w = [rng.standard_normal((a, b), dtype=np.float32) / np.sqrt(a) for a, b in ((d0, d1), (d1, d2), (d2, c))]
-        self.e0 = rng.standard_normal((d1, c), dtype=np.float32) / np.sqrt(d1)
+        self.w = [(rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32) for a, b in ((d0, d1), (d1, d2), (d2, c))]
+        self.e0 = (rng.standard_normal((d1, c)) / np.sqrt(d1)).astype(np.float32)
         self.manifest = Manifest(model, self.table, self.dims)
         self.manifest_sha256 = hashlib.sha256(json.dumps(
             {"model": model, "dims": self.dims, "seed": seed, "table": self.table.to_dict()},
