@@ -2,15 +2,16 @@
 
 `meta` is torch-free; `trace`/`trace_graph` import torch on first use.
 """
+import importlib
+
 from edgecut.frontend import meta
 
 
 def __getattr__(name: str):
     if name in ("trace", "trace_graph"):
-        from edgecut.frontend import trace as _trace_mod
-
+        module = importlib.import_module("edgecut.frontend.trace")
         # Importing the submodule binds `edgecut.frontend.trace` to it: rebind both names to functions.
-        globals().update(trace=_trace_mod.trace, trace_graph=_trace_mod.trace_graph)
+        globals().update(trace=module.trace, trace_graph=module.trace_graph)
         return globals()[name]
     raise AttributeError(f"module 'edgecut.frontend' has no attribute {name!r}")
 
