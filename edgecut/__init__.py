@@ -15,7 +15,7 @@ from edgecut.types import Cut, Link, Plan, PlanTable  # noqa: E402  (torch-free)
 
 # public name -> "module:attribute", resolved on first use
 _LAZY = {
-    "trace": "edgecut.frontend.trace:trace",
+    "trace": "edgecut.frontend.tracing:trace",
     "zoo": "edgecut.zoo:",
     "passes": "edgecut.passes:",
     "targets": "edgecut.targets:",

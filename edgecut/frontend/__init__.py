@@ -1,6 +1,6 @@
 """Turn an nn.Module into a torch.fx GraphModule whose every node carries edgecut metadata.
 
-`meta` is torch-free; `trace`/`trace_graph` import torch on first use.
+`meta` is torch-free; `trace`/`trace_graph` (in `tracing`) import torch on first use.
 """
 import importlib
 
@@ -9,10 +9,9 @@ from edgecut.frontend import meta
 
 def __getattr__(name: str):
     if name in ("trace", "trace_graph"):
-        module = importlib.import_module("edgecut.frontend.trace")
-        # Importing the submodule binds `edgecut.frontend.trace` to it: rebind both names to functions.
-        globals().update(trace=module.trace, trace_graph=module.trace_graph)
-        return globals()[name]
+        value = getattr(importlib.import_module("edgecut.frontend.tracing"), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'edgecut.frontend' has no attribute {name!r}")
 
 
