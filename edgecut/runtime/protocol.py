@@ -399,3 +399,20 @@ def manifest_identity(part) -> tuple[str, str]:
     if not sha or not model:
         raise ProtocolError("cannot tell the artifact's model name and manifest hash from the loaded part")
     return str(model), str(sha)
+
+
+def read_token(path) -> bytes | None:
+    """The shared secret in `path` (surrounding whitespace dropped), or None when `path` is None."""
+    from edgecut.errors import UsageError
+
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise UsageError(f"cannot read token file {path!r}: {e.strerror}") from None
+    if len(token) < 16:
+        raise UsageError(f"token file {path!r} holds {len(token)} bytes; use at least 16 random bytes, "
+                         f"e.g. `head -c 32 /dev/urandom | base64 > {path}`")
+    return token
