@@ -64,10 +64,11 @@ def build(mod, params, target: Target | str, *, num_inputs: int = 1, schedule: b
         ex = tvm.compile(mod, target=tvm_target)
         return Built(ex, params, t, num_inputs)
 
-    main_mod, weights_mod = prepare(mod, num_inputs)
-    new_params = transform_weights(weights_mod, params)
+    fused, weights1 = prepare(mod, num_inputs)
     with tvm_target:
-        main_mod = apply_schedules(main_mod, tvm_target, _databases(t, tuning_dir))
+        fused = apply_schedules(fused, tvm_target, _databases(t, tuning_dir))
+    main_mod, weights2 = split_weight_prepack(fused)
+    new_params = transform_weights(weights2, transform_weights(weights1, params))
     ex = tvm.compile(main_mod, target=tvm_target)
     return Built(ex, new_params, t, num_inputs)
 
@@ -75,8 +76,9 @@ def build(mod, params, target: Target | str, *, num_inputs: int = 1, schedule: b
 def prepare(mod, num_inputs: int = 1):
     """Legalize, re-layout and fuse `mod`; return (main module, weight-transform module or None).
 
-    The main module's `main` takes the inputs then the transformed weights; the weight module's
-    `main_transform_params` maps the original weights to those."""
+    The main module's `main` takes the inputs then the transformed weights, and its kernels name
+    their weight arguments in the `layout_free_buffers` attribute (schedules may repack those);
+    the weight module's `main_transform_params` maps the original weights to main's."""
     import tvm
     from tvm import relax
 
@@ -95,13 +97,41 @@ def prepare(mod, num_inputs: int = 1):
         relax.transform.DeadCodeElimination(),
     ])
     mod = seq(mod)
-    names = {gv.name_hint for gv in mod.get_global_vars()}
-    main_mod = relax.transform.DeadCodeElimination(entry_functions=["main"])(mod)
-    weights_mod = None
-    if "main_transform_params" in names:
-        weights_mod = relax.transform.DeadCodeElimination(
-            entry_functions=["main_transform_params"])(mod)
-    return main_mod, weights_mod
+    main_mod = _only(mod, "main")
+    main_mod["main"] = main_mod["main"].with_attr("num_input", num_inputs)
+    main_mod = relax.transform.AttachAttrLayoutFreeBuffers()(main_mod)
+    return main_mod, _weights_part(mod)
+
+
+def split_weight_prepack(mod):
+    """Move the weight-repacking blocks that schedules added out of the kernels and out of
+    `main` (into a second `main_transform_params`); return (main module, weight module)."""
+    import tvm
+    from tvm import relax
+
+    mod = tvm.transform.Sequential([
+        relax.transform.SplitLayoutRewritePreproc(),
+        relax.transform.LiftTransformParams(),
+        relax.transform.DeadCodeElimination(),
+    ])(mod)
+    return _only(mod, "main"), _weights_part(mod)
+
+
+def _weights_part(mod):
+    if any(gv.name_hint == "main_transform_params" for gv in mod.get_global_vars()):
+        return _only(mod, "main_transform_params")
+    return None
+
+
+def _only(mod, entry: str):
+    """`mod` with the Relax function `entry` and what it calls, nothing else."""
+    import tvm
+    from tvm import relax
+
+    keep = {gv: f for gv, f in mod.functions_items()
+            if not isinstance(f, relax.Function) or gv.name_hint == entry}
+    return relax.transform.DeadCodeElimination(entry_functions=[entry])(
+        tvm.IRModule(keep, attrs=mod.attrs))
 
 
 def transform_weights(weights_mod, params: list[np.ndarray]) -> list[np.ndarray]:

@@ -10,9 +10,12 @@ lanes, NEON: 4).
 """
 from __future__ import annotations
 
-from edgecut.codegen.schedules.common import has_if_then_else, is_reduction, vector_lanes
+from edgecut.codegen.schedules.common import (has_if_then_else, is_reduction, reduction_size,
+                                              vector_lanes)
 from edgecut.codegen.schedules.injective import schedule_injective, schedule_outer_parallel
 from edgecut.codegen.schedules.reduction import plan_tiles, schedule_reduction
+
+LIGHT_REDUCTION = 49  # reduction points per output up to which padding is inlined (7x7 window)
 
 __all__ = ["schedule_module", "schedule_func", "vector_lanes", "plan_tiles"]
 
@@ -45,8 +48,11 @@ def _schedule_one_reduction(sch, blocks, main, lanes):
     names = [sch.get(b).name_hint for b in blocks]
     idx = names.index(sch.get(main).name_hint)
     # producers: inline pure data movement (transposes, reshapes); keep padding materialized
+    # in front of dense reductions (convolutions), inline it into light ones (pooling,
+    # depthwise) where a separate pass over memory would cost more than the bounds checks
+    light = reduction_size(sch, main) <= LIGHT_REDUCTION
     for b in reversed(blocks[:idx]):
-        if not has_if_then_else(sch, b):
+        if light or not has_if_then_else(sch, b):
             _try(sch.compute_inline, b)
     # consumers: fold the element-wise chain into one block that runs per output tile
     for b in reversed(blocks[idx + 1:]):
@@ -56,7 +62,7 @@ def _schedule_one_reduction(sch, blocks, main, lanes):
     root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
     main_loops = sch.get_loops(main)
     for b in sch.get_child_blocks(root):
-        if not _shares_outer_loop(sch, b, main_loops):
+        if not _shares_outer_loop(sch, b, main_loops) and not _is_preproc(sch, b):
             schedule_injective(sch, b, lanes)
 
 
@@ -72,6 +78,11 @@ def _shares_outer_loop(sch, block, main_loops) -> bool:
     if not main_loops:
         return not loops
     return bool(loops) and sch.get_sref(loops[0]).same_as(sch.get_sref(main_loops[0]))
+
+
+def _is_preproc(sch, block) -> bool:
+    """A weight-repacking block: it leaves the kernel (SplitLayoutRewritePreproc), unscheduled."""
+    return "meta_schedule.layout_rewrite_preproc" in sch.get(block).annotations
 
 
 def _try(fn, *args) -> bool:

@@ -36,6 +36,15 @@ def is_reduction(sch, block) -> bool:
     return any(int(iv.iter_type) == COMM_REDUCE for iv in sch.get(block).iter_vars)
 
 
+def reduction_size(sch, block) -> int:
+    """Points reduced per output element (1 for a block that does not reduce)."""
+    n = 1
+    for iv in sch.get(block).iter_vars:
+        if int(iv.iter_type) == COMM_REDUCE:
+            n *= int(iv.dom.extent)
+    return n
+
+
 def has_if_then_else(sch, block) -> bool:
     """True for padding-like blocks (their body selects between a load and a constant)."""
     text = str(sch.get(block).body)

@@ -17,10 +17,13 @@ the code has no tail predicates; the rule is generic over shapes.
 """
 from __future__ import annotations
 
+from tvm.tirx import IndexMap
+
 from edgecut.codegen.schedules.common import COMM_REDUCE, extent, largest_divisor, pow2_divisor
 
 MAX_ACC_VECTORS = 24
-REG_CANDIDATES = (8, 7, 6, 5, 4, 3, 2)
+REG_CANDIDATES = (8, 7, 6, 5, 4)
+REG_FALLBACK = (16, 15, 14, 13, 12, 11, 10, 9, 3, 2)  # odd sizes (13x13, 27x27, 55x55 maps)
 VEC_CANDIDATES = (8, 6, 4, 3, 2)
 
 
@@ -36,7 +39,11 @@ def plan_tiles(spatial_extents: list[int], lanes: int) -> tuple[int, int, int, i
     ext = spatial_extents[vec_axis]
     v = pow2_divisor(ext, lanes)
     reg_axis = max((i for i, e in enumerate(spatial_extents[:vec_axis]) if e > 1), default=-1)
-    reg = largest_divisor(spatial_extents[reg_axis], REG_CANDIDATES) if reg_axis >= 0 else 1
+    reg = 1
+    if reg_axis >= 0:
+        reg = largest_divisor(spatial_extents[reg_axis], REG_CANDIDATES)
+        if reg == 1:
+            reg = largest_divisor(spatial_extents[reg_axis], REG_FALLBACK)
     budget = max(1, MAX_ACC_VECTORS // reg)
     nvec = largest_divisor(ext // v, tuple(c for c in VEC_CANDIDATES if c <= budget))
     return vec_axis, v, nvec, reg_axis, reg
@@ -56,6 +63,9 @@ def schedule_reduction(sch, block, lanes: int) -> bool:
         return False
     ext = [extent(sch, lp) for lp in spatial]
     vec_axis, v, nvec, reg_axis, reg = plan_tiles(ext, lanes)
+    if vec_axis >= 0 and nvec * v > 1:
+        spatial_vars = [iv.var for iv in iters if int(iv.iter_type) != COMM_REDUCE]
+        pack_weights(sch, block, spatial_vars[vec_axis], nvec * v)
 
     outer, inner = [], []
     vec_outer = vec_inner = None
@@ -91,6 +101,34 @@ def schedule_reduction(sch, block, lanes: int) -> bool:
     if v > 1 and int(sch.get(init_loops[-1]).kind) != 2:  # not yet ForKind.VECTORIZED
         sch.vectorize(init_loops[-1])
     return True
+
+
+def pack_weights(sch, block, vec_var, tile: int) -> None:
+    """Repack every weight the block reads along the vector axis (an HWIO kernel, a K x N dense
+    weight) as [N // tile, ..., tile]: each task then streams its weights contiguously instead
+    of one short row every N elements. Weights are the buffers the function's attribute
+    `layout_free_buffers` names (set by relax.transform.AttachAttrLayoutFreeBuffers); the
+    repacking block is marked as a layout-rewrite pre-process, which
+    relax.transform.SplitLayoutRewritePreproc moves out of the kernel so that
+    LiftTransformParams runs it once, at compile time."""
+    func = sch.mod["main"]
+    free = func.attrs.get("layout_free_buffers", None) if func.attrs is not None else None
+    if not free:
+        return
+    params = [func.params[int(i)] for i in free]
+    for i, region in enumerate(sch.get(block).reads):
+        buf = region.source
+        shape = [int(d) for d in buf.shape]
+        if not any(buf.same_as(p) for p in params) or len(shape) < 2 or shape[-1] % tile:
+            continue
+        last = region.region[-1]
+        if int(last.extent) != 1 or not last.min.same_as(vec_var):
+            continue
+        cached = sch.cache_read(block, i, "global")
+        sch.annotate(cached, "meta_schedule.layout_rewrite_preproc", True)
+        index_map = IndexMap.from_func(lambda *ax: (ax[-1] // tile, *ax[:-1], ax[-1] % tile),
+                                       ndim=len(shape))
+        sch.transform_layout(block, ("read", i), index_map)
 
 
 def _attach_epilogue(sch, block, loop, n_outer: int, lanes: int) -> None:
