@@ -11,9 +11,9 @@ from edgecut.types import Plan, PlanTable
 from edgecut.units import format_bandwidth
 
 
-def layer_rows(gm, exit_id: int | None = None) -> list[dict]:
-    """Per-node rows {name, kind, device_s, edge_s, bytes} of the backbone (and of `exit_id`'s head)
-    in topological order, from an annotated graph (annotate_cost must have run)."""
+def layer_rows(gm) -> list[dict]:
+    """Per-node rows {name, kind, exit, device_s, edge_s, bytes} in topological order, from an
+    annotated graph (annotate_cost must have run); `exit` is the exit id of head nodes, else None."""
     from edgecut.frontend import meta
 
     rows = []
@@ -21,8 +21,6 @@ def layer_rows(gm, exit_id: int | None = None) -> list[dict]:
         if n.op in ("output", "get_attr"):
             continue
         eid = n.meta.get(meta.EXIT_ID)
-        if eid is not None and eid != exit_id:
-            continue
         rows.append({"name": n.name, "kind": n.meta.get(meta.KIND, "other"), "exit": eid,
                      "device_s": float(n.meta.get(meta.DEVICE_S, 0.0)), "edge_s": float(n.meta.get(meta.EDGE_S, 0.0)),
                      "bytes": int(n.meta.get(meta.OUT_BYTES, 0))})
@@ -38,6 +36,7 @@ def render(path: str, layers: list[dict], table: PlanTable, plan: Plan | None = 
     import matplotlib.pyplot as plt
 
     plan = plan or (table.lookup(bandwidth) if bandwidth else table.plans[-1])
+    layers = [r for r in layers if r.get("exit") is None or r["exit"] == plan.exit]
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(12, 8.5), gridspec_kw={"height_ratios": [3, 2]})
     _layers_panel(ax, layers, plan)
     _table_panel(bx, table, plan, bandwidth)

@@ -94,12 +94,13 @@ def _run_library(lib: Path, params: Path, kind: str, inputs) -> list:
 
 def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", edge_target="local",
                    out_dir="build/model", example_inputs=(), *, backend: str = "tvm", onnx: bool = True,
-                   model_name: str | None = None, tolerance: float = 1e-4, progress: bool = True) -> Manifest:
+                   model_name: str | None = None, tolerance: float = 1e-4, progress: bool = True,
+                   info: dict | None = None) -> Manifest:
     """Split `gm` at the cuts of `table`, compile each segment for its side(s), export ONNX copies,
     check them, and write the artifact directory `out_dir` (replaced if it exists).
 
     backend="tvm" compiles TVM libraries (device and edge); "onnxruntime" writes only the ONNX
-    copies (for models with ops TVM cannot import). Raises CodegenError when a segment cannot be
+    copies (for models with ops TVM cannot import). `info` (msgpack-able) is stored as `manifest.info`. Raises CodegenError when a segment cannot be
     compiled or disagrees with PyTorch by more than `tolerance` x the output's scale."""
     if backend not in BACKENDS:
         raise CodegenError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -215,7 +216,7 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
                         routes, tuple(exits), tuple(libraries), onnx_files,
                         {f: sha256(out / f) for f in sorted(set(files))},
                         {side: t.to_dict() for side, t in sides.items()}, versions, checks, REFERENCE,
-                        FORMAT_VERSION)
+                        FORMAT_VERSION, dict(info or {}))
     manifest.write(out)
     return manifest
 

@@ -157,6 +157,7 @@ class Manifest:
     checks: dict = field(default_factory=dict)   # segment -> {"tvm_vs_torch", "onnx_vs_tvm"} max abs errors
     reference: str = REFERENCE      # file with a reference input and expected outputs (for `check`)
     format_version: int = FORMAT_VERSION
+    info: dict = field(default_factory=dict)     # what compile knew: deadline, profiles, per-layer costs (explain)
 
     def route(self, plan_id: str) -> Route:
         try:
@@ -181,7 +182,7 @@ class Manifest:
                 "exits": [e.to_dict() for e in self.exits],
                 "libraries": [lib.to_dict() for lib in self.libraries], "onnx": dict(self.onnx),
                 "files": dict(self.files), "targets": dict(self.targets), "versions": dict(self.versions),
-                "checks": dict(self.checks), "reference": self.reference}
+                "checks": dict(self.checks), "reference": self.reference, "info": dict(self.info)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
@@ -199,7 +200,7 @@ class Manifest:
                    tuple(ExitSpec.from_dict(e) for e in d["exits"]),
                    tuple(Library.from_dict(x) for x in d["libraries"]), dict(d["onnx"]),
                    dict(d["files"]), dict(d["targets"]), dict(d["versions"]), dict(d.get("checks", {})),
-                   d.get("reference", REFERENCE), version)
+                   d.get("reference", REFERENCE), version, dict(d.get("info", {})))
 
     def to_msgpack(self) -> bytes:
         return msgpack.packb(self.to_dict(), use_bin_type=True)

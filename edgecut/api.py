@@ -1,0 +1,257 @@
+"""`edgecut.compile`: the whole pipeline, and the `Artifact` it returns.
+
+    gm = trace(model, x)                        torch.fx graph, metadata on every node
+    gm = insert_exits + train_exits             right-sizing: BranchyNet exits trained on data
+    gm = annotate_cost(gm, device, edge)        predicted seconds per node on both sides
+    table = plan_table(gm, deadline, ...)       the (exit, cut) plan per bandwidth range
+    manifest = build_artifact(gm, table, ...)   TVM libraries per side, ONNX copies, manifest
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgecut import targets as _targets
+from edgecut.errors import PlanError, UsageError
+from edgecut.types import Link, Plan, PlanTable
+from edgecut.units import format_bandwidth, format_time, parse_bandwidth, parse_time
+
+OBJECTIVES = ("accuracy", "latency")
+
+
+class RightSizingOffWarning(UserWarning):
+    """compile was asked for exits but given no data to train them on."""
+
+
+def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandwidth=None, exits="auto",
+            data=None, profile=None, objective: str = "accuracy", *, edge_profile=None, rtt=0.0,
+            margin=0.0, epochs: int = 15, max_accuracy_loss: float = 0.01, num_exits: int = 5,
+            allow_uncalibrated: bool = False, out_dir=None, backend: str = "tvm", name: str | None = None,
+            progress: bool = True) -> "Artifact":
+    """Compile `model` into a device/edge artifact that meets `deadline` with the best accuracy.
+
+    target, edge: `Target` names (`edgecut.targets.known()`); profile / edge_profile: cost profiles
+    (name, path or Profile; default: the target's). deadline: seconds or "100ms". bandwidth: the
+    expected bandwidth (bit/s or "2mbit"), used by `Artifact.plan()` with no argument; the plan
+    table covers 50 kbit/s - 1 Gbit/s regardless. exits: "auto", a list of node names, or None;
+    exits are trained only when `data` is given ("digits", a (train, val[, test]) tuple of torch
+    Datasets, or `edgecut.data.Splits`). objective: "accuracy" (Edgent) or "latency"
+    (Neurosurgeon). margin: relative prediction error to plan for, or "p95" for the profiles'
+    95th-percentile error (ALERT). rtt: the link's round trip in seconds or "20ms".
+    """
+    from edgecut.codegen.artifact import build_artifact
+    from edgecut.costmodel.profile import load_profile
+    from edgecut.explain import layer_rows
+    from edgecut.frontend import trace
+    from edgecut.passes.annotate_cost import annotate_cost
+    from edgecut.passes.plan_table import plan_table
+
+    device_t, edge_t = _targets.get(target), _targets.get(edge)
+    deadline, rtt = parse_time(deadline), parse_time(rtt)
+    bandwidth = parse_bandwidth(bandwidth) if bandwidth is not None else None
+    if objective not in OBJECTIVES:
+        raise UsageError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    dev_prof = load_profile(profile or _default_profile(device_t, "device"), target=device_t)
+    edge_prof = load_profile(edge_profile or _default_profile(edge_t, "edge"), target=edge_t)
+    margin = max(dev_prof.error_p95, edge_prof.error_p95) if margin == "p95" else float(margin)
+
+    gm = trace(model, example_input)                                     # fx graph + layer metadata
+    exit_info = _right_size(gm, exits, data, example_input, epochs, max_accuracy_loss, num_exits, progress)
+    gm = exit_info.pop("gm")
+    gm = annotate_cost(gm, dev_prof, edge_prof, allow_uncalibrated)     # device/edge seconds per node
+    overhead = dev_prof.message_overhead_s or edge_prof.message_overhead_s
+    with warnings.catch_warnings(record=True) as caught:                # the solver's DeadlineWarning
+        warnings.simplefilter("always")
+        table = plan_table(gm, deadline, rtt=rtt, overhead=overhead, objective=objective, margin=margin)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    info = {"deadline": deadline, "objective": objective, "margin": margin, "rtt": rtt, "overhead": overhead,
+            "bandwidth": bandwidth, "allow_uncalibrated": bool(allow_uncalibrated),
+            "profiles": {"device": _prof_info(dev_prof), "edge": _prof_info(edge_prof)},
+            "layers": layer_rows(gm), **exit_info,
+            "warnings": [str(w.message) for w in caught]}
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgecut-"))
+    manifest = build_artifact(gm, table, device_t, edge_t, out, (example_input,), backend=backend,
+                              model_name=name or type(model).__name__, progress=progress, info=info)
+    return Artifact(out, manifest, gm)
+
+
+def _default_profile(t, role: str) -> str:
+    if not t.profile:
+        raise UsageError(f"target {t.name!r} has no shipped cost profile: measure one on that machine with "
+                         f"`edgecut profile --target {t.name} -o {t.name}.json` and pass it as the {role} profile")
+    return t.profile
+
+
+def _prof_info(p) -> dict:
+    return {"name": p.name, "target": p.target, "calibrated": p.calibrated, "source": p.source,
+            "error_p95": p.error_p95}
+
+
+def _right_size(gm, exits, data, example_input, epochs, max_loss, num_exits, progress) -> dict:
+    """Insert and train exits when asked and given data; returns {"gm", and what was measured}."""
+    if not exits:
+        return {"gm": gm}
+    if data is None:
+        warnings.warn("compile: exits were requested but no data was given to train them: right-sizing is "
+                      "off (pass data='digits' or (train, val) datasets)", RightSizingOffWarning, stacklevel=3)
+        return {"gm": gm}
+    from edgecut.exits import calibrate_thresholds, early_exit_report, evaluate, train_exits
+    from edgecut.passes.insert_exits import insert_exits
+
+    train, val, test = _splits(data, tuple(example_input.shape[1:]))
+    gm = insert_exits(gm, exits, num_exits=num_exits)                    # BranchyNet heads
+    train_exits(gm, train, val, epochs=epochs, progress=progress)       # joint loss; records accuracy
+    report = calibrate_thresholds(gm, val, max_loss)                      # entropy thresholds per exit
+    out = {"gm": gm, "early_exit": {"fractions": list(report.fractions), "accuracy": report.accuracy,
+                                    "max_loss": max_loss}}
+    if test is not None:
+        out["test_accuracy"] = evaluate(gm, test)
+        out["early_exit_test"] = {"fractions": list(early_exit_report(gm, test).fractions),
+                                  "accuracy": early_exit_report(gm, test).accuracy}
+    return out
+
+
+def _splits(data, shape):
+    if isinstance(data, str):
+        if data != "digits":
+            raise UsageError(f"unknown data set {data!r}: use 'digits' or pass (train, val[, test]) datasets")
+        from edgecut.data import digits
+
+        return tuple(digits(shape))
+    parts = tuple(data)
+    if len(parts) not in (2, 3):
+        raise UsageError("data must be 'digits' or a (train, val) or (train, val, test) tuple of datasets")
+    return parts if len(parts) == 3 else (*parts, None)
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """What `Artifact.simulate` measured: `output` (logits), the plan, the exit that answered,
+    seconds measured on this machine for the device and edge parts, and the transfer seconds of
+    the modelled link."""
+
+    output: object
+    plan: Plan
+    exit_id: int
+    early: bool
+    device_s: float
+    transfer_s: float
+    edge_s: float
+    sent_bytes: int
+    device_backend: str
+
+    @property
+    def latency_s(self) -> float:
+        return self.device_s + self.transfer_s + self.edge_s
+
+
+class Artifact:
+    """A compiled model: the artifact directory at `path`, its `manifest`, and (right after
+    `compile`) the annotated graph `gm`. `Artifact.open(path)` reads a saved one."""
+
+    def __init__(self, path, manifest, gm=None):
+        self.path, self.manifest, self.gm = Path(path), manifest, gm
+        self._parts: dict = {}
+
+    @classmethod
+    def open(cls, path) -> "Artifact":
+        from edgecut.codegen.manifest import Manifest
+
+        return cls(path, Manifest.read(path))
+
+    @property
+    def table(self) -> PlanTable:
+        return self.manifest.table
+
+    @property
+    def info(self) -> dict:
+        return self.manifest.info
+
+    def plan(self, bandwidth=None) -> Plan:
+        """The plan for `bandwidth` (bit/s or "2mbit"; default: the one given to compile)."""
+        bw = bandwidth if bandwidth is not None else self.info.get("bandwidth")
+        if bw is None:
+            raise PlanError("no bandwidth: pass one (e.g. artifact.plan('2mbit')) or give compile(bandwidth=...)")
+        return self.table.lookup(parse_bandwidth(bw))
+
+    def save(self, directory) -> Path:
+        """Copy the artifact to `directory` (created or replaced); returns its path."""
+        directory = Path(directory)
+        if directory.resolve() != self.path.resolve():
+            if directory.exists():
+                shutil.rmtree(directory)
+            shutil.copytree(self.path, directory)
+        return directory
+
+    def explain(self, path="plan.png", bandwidth=None) -> str:
+        """Render the per-layer cost figure with the cut and exit, and the plan table (a PNG)."""
+        from edgecut.explain import render
+
+        bw = parse_bandwidth(bandwidth) if bandwidth is not None else self.info.get("bandwidth")
+        plan = self.table.lookup(bw) if bw else None
+        return render(str(path), self.info.get("layers", []), self.table, plan, bandwidth=bw,
+                      title=f"{self.manifest.model}: {self.summary_line(bw)}")
+
+    def summary_line(self, bandwidth=None) -> str:
+        d = self.info.get("deadline", math.inf)
+        s = f"deadline {format_time(d)}" if math.isfinite(d) else "no deadline"
+        if bandwidth:
+            p = self.table.lookup(bandwidth)
+            s += (f", at {format_bandwidth(bandwidth)}: exit {p.exit}, cut {p.cut.name}, "
+                  f"{format_time(p.latency_s)} predicted{'' if p.feasible else ' (INFEASIBLE)'}")
+        return s
+
+    def _part(self, side: str):
+        from edgecut.codegen.load import load
+
+        if side not in self._parts:
+            runs_here = _targets.get(self.manifest.targets[side]["name"]).runs_here
+            self._parts[side] = load(self.path, side, "tvm" if runs_here else "onnxruntime")
+        return self._parts[side]
+
+    def simulate(self, x, bandwidth=None, rtt=None, early_exit: bool = True) -> Simulation:
+        """Run the device part, a modelled link and the edge part in this process for input `x`
+        (a numpy array or torch tensor). A side whose target cannot run here (an aarch64 device)
+        runs its ONNX copy with onnxruntime. Device and edge seconds are measured on this
+        machine; transfer seconds are the link model's for the bytes actually sent."""
+        import numpy as np
+
+        bw = parse_bandwidth(bandwidth) if bandwidth is not None else self.info.get("bandwidth")
+        if bw is None:
+            raise PlanError("simulate needs a bandwidth (e.g. bandwidth='2mbit')")
+        rtt = parse_time(rtt) if rtt is not None else self.info.get("rtt", 0.0)
+        link = Link(bw, rtt, self.info.get("overhead", 0.0))
+        plan = self.table.lookup(bw)
+        x = np.ascontiguousarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
+        device = self._part("device")
+        res = device.run(plan.id, {device.input_names[0]: x}, early_exit=early_exit)
+        if res.done:
+            return Simulation(res.outputs["logits"], plan, res.exit_id, res.exit_id != plan.exit, res.seconds,
+                              0.0, 0.0, 0, device.backend)
+        sent = sum(int(a.nbytes) for a in res.outputs.values())
+        edge = self._part("edge")
+        out = edge.run(plan.id, res.outputs)
+        transfer = link.transfer_seconds(sent, int(out.outputs["logits"].nbytes))
+        return Simulation(out.outputs["logits"], plan, out.exit_id, False, res.seconds, transfer, out.seconds,
+                          sent, device.backend)
+
+    def report(self) -> str:
+        """A plain-text account of the artifact: profiles, exits, and the plan table."""
+        info, lines = self.info, []
+        lines.append(f"{self.manifest.model}: device {self.manifest.targets['device']['name']}, "
+                     f"edge {self.manifest.targets['edge']['name']}, {self.summary_line()}")
+        for role, p in info.get("profiles", {}).items():
+            flag = "" if p["calibrated"] else "  <-- UNCALIBRATED: latencies are guesses (allow_uncalibrated=True)"
+            lines.append(f"  {role} profile: {p['name']} ({p['source']}, p95 error {p['error_p95']:.0%}){flag}")
+        for e in self.manifest.exits:
+            lines.append(f"  exit {e.id}: accuracy {e.accuracy:.3f}, entropy threshold {e.threshold:.3g}")
+        lines.append(f"  {'bandwidth from':>15}  {'exit':>4}  {'cut':<28} {'predicted':>10}  feasible")
+        for lo, p in zip(self.table.bounds, self.table.plans):
+            lines.append(f"  {format_bandwidth(lo):>15}  {p.exit:>4}  {p.cut.name[:28]:<28} "
+                         f"{format_time(p.latency_s):>10}  {'yes' if p.feasible else 'NO (+' + format_time(p.shortfall_s) + ')'}")
+        return "\n".join(lines)

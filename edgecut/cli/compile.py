@@ -1,0 +1,47 @@
+"""`edgecut compile MODEL --input SHAPE --target pi4 --edge local --deadline 100ms -o build/NAME`."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compile", help="compile a model into a device/edge artifact that meets a deadline",
+                       description="Trace MODEL, insert and train exits (with --data), predict per-layer cost, "
+                                   "solve the plan table and generate TVM/ONNX code for both sides.")
+    p.add_argument("model", help="edgecut.zoo:NAME or path/to/file.py:Factory")
+    p.add_argument("--input", metavar="SHAPE", help="input shape, e.g. 1x3x32x32 (zoo models have a default)")
+    p.add_argument("--target", default="pi4", help="device target (default pi4; see --list-targets)")
+    p.add_argument("--edge", default="local", help="edge target (default local)")
+    p.add_argument("--deadline", default="100ms", help="latency deadline, e.g. 100ms (default)")
+    p.add_argument("--bandwidth", help="expected bandwidth, e.g. 2mbit: the plan to report")
+    p.add_argument("--rtt", default="0ms", help="the link's round-trip time, e.g. 20ms")
+    p.add_argument("--data", help="train exits on this data set ('digits'); without it, no exits")
+    p.add_argument("--exits", type=int, default=5, help="number of exits with --data, final included (default 5)")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs for the exits (default 15)")
+    p.add_argument("--objective", choices=("accuracy", "latency"), default="accuracy",
+                   help="accuracy: best accuracy within the deadline (Edgent); latency: fastest (Neurosurgeon)")
+    p.add_argument("--margin", default="0", help="relative prediction error to plan for, or p95 (default 0)")
+    p.add_argument("--profile", help="device cost profile (name or file; default: the target's)")
+    p.add_argument("--edge-profile", help="edge cost profile (name or file; default: the edge target's)")
+    p.add_argument("--allow-uncalibrated", action="store_true", help="plan with an uncalibrated profile's guesses")
+    p.add_argument("--backend", choices=("tvm", "onnxruntime"), default="tvm", help="code generator (default tvm)")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--explain", metavar="PNG", help="also render the explain figure to PNG")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import edgecut
+    from edgecut.cli._common import load_model_and_input
+
+    model, name, x = load_model_and_input(args.model, args.input)
+    margin = args.margin if args.margin == "p95" else float(args.margin)
+    art = edgecut.compile(model, x, target=args.target, edge=args.edge, deadline=args.deadline,
+                          bandwidth=args.bandwidth, exits="auto" if args.data else None, data=args.data,
+                          profile=args.profile, edge_profile=args.edge_profile, objective=args.objective,
+                          rtt=args.rtt, margin=margin, epochs=args.epochs, num_exits=args.exits,
+                          allow_uncalibrated=args.allow_uncalibrated, out_dir=args.output, backend=args.backend,
+                          name=name)
+    print(art.report())
+    if args.explain:
+        print(f"explain: {art.explain(args.explain)}")
+    print(f"artifact: {art.path}")
+    return 0
