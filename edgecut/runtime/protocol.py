@@ -262,12 +262,22 @@ def decode_tensors(entries, what: str = "tensors") -> dict:
 # ------------------------------------------------------------------------------------- channel
 class Channel:
     """One framed connection over a blocking socket. Every call takes an absolute `deadline`
-    (time.monotonic seconds, or None for no limit) and raises TimeoutError past it."""
+    (time.monotonic seconds, or None for no limit) and raises TimeoutError past it.
 
-    def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME):
-        self.sock, self.max_frame = sock, max_frame
+    `reuse_buffer=True` receives every frame into one buffer kept by the channel, so the arrays
+    decoded from a frame are valid only until the next `recv` (the server, which is done with a
+    request before it reads the next); the default gives each frame a fresh buffer."""
+
+    def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME, *, reuse_buffer: bool = False):
+        self.sock, self.max_frame, self.reuse_buffer = sock, max_frame, reuse_buffer
         self.bytes_sent = self.bytes_received = 0
         self._head = bytearray(4)
+        self._buf = None
+
+    def release_buffer(self) -> None:
+        """Forget the reused receive buffer: the arrays of the last frame stay valid (something
+        still reads them), and the next frame gets a buffer of its own."""
+        self._buf = None
 
     def _timeout(self, deadline):
         if deadline is None:
@@ -314,7 +324,12 @@ class Channel:
             raise FrameTooLarge(f"frame of {n} bytes exceeds the maximum of {self.max_frame} bytes")
         if n == 0:
             raise ProtocolError("empty frame")
-        body = memoryview(np.empty(n, np.uint8))
+        if self.reuse_buffer:     # no allocation nor page faults per frame; see release_buffer
+            if self._buf is None or len(self._buf) < n:
+                self._buf = np.empty(max(n, 64 * 1024), np.uint8)
+            body = memoryview(self._buf)[:n]
+        else:
+            body = memoryview(np.empty(n, np.uint8))
         self._fill(body, time.monotonic() + frame_timeout if frame_timeout is not None else deadline,
                    at_boundary=False)
         self.bytes_received += n + 4

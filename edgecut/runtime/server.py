@@ -173,7 +173,7 @@ class EdgeServer:
         _linger_close(sock)
 
     def _serve_conn(self, sock: socket.socket, peer) -> None:
-        ch = P.Channel(sock, self.max_frame)
+        ch = P.Channel(sock, self.max_frame, reuse_buffer=True)
         start, n_req, n_err, reason = time.monotonic(), 0, 0, "closed by peer"
         try:
             reason = self._handshake(ch)
@@ -183,7 +183,7 @@ class EdgeServer:
                 except P.ConnectionClosed:
                     reason = "closed by peer" if not self._stopping.is_set() else "server shutting down"
                     break
-                reply = self._handle(msg)
+                reply = self._handle(msg, ch)
                 n_req += 1
                 if reply["type"] == "error":
                     n_err += 1
@@ -244,10 +244,10 @@ class EdgeServer:
         return None
 
     # ------------------------------------------------------------------------------ requests
-    def _handle(self, msg: dict) -> dict:
+    def _handle(self, msg: dict, ch: P.Channel) -> dict:
         kind, rid = msg["type"], msg.get("id")
         if kind == "infer":
-            return self._infer(msg)
+            return self._infer(msg, ch)
         if kind == "ping":
             return {"type": "pong", "id": rid}
         if kind == "probe":
@@ -255,7 +255,7 @@ class EdgeServer:
             return {"type": "probe_ack", "id": rid, "n": data.nbytes if isinstance(data, memoryview) else 0}
         return P.error(P.BAD_REQUEST, f"unknown message type {kind!r}", rid)
 
-    def _infer(self, msg: dict) -> dict:
+    def _infer(self, msg: dict, ch: P.Channel) -> dict:
         received = time.monotonic()
         rid, plan_id, deadline_s = msg.get("id"), msg.get("plan"), msg.get("deadline_s")
         if not isinstance(rid, int) or isinstance(rid, bool):
@@ -290,7 +290,8 @@ class EdgeServer:
         try:
             out, queue_s, edge_s = fut.result(timeout=max(0.0, expiry - time.monotonic()))
         except (FutureTimeout, _Expired):
-            fut.cancel()
+            if not fut.cancel():
+                ch.release_buffer()     # the abandoned run may still read this frame's tensors
             return P.error(P.TIMEOUT, f"edge did not finish within {timeout:.3f}s", rid)
         except ArtifactError as e:
             return P.error(P.BAD_TENSOR, str(e), rid)

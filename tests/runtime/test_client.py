@@ -163,3 +163,16 @@ def test_plan_table_helper_is_consistent():
     t = make_table((256, 128, 64, 10))
     assert [p.id for p in t.plans] == ["e1/device", "e1/after:l2", "e1/input"]
     assert t.lookup(5e6).id == "e1/after:l2"
+
+
+def test_runtime_imports_without_torch():
+    code = ("import sys\n"
+            "class NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch': raise ImportError(name)\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            "import edgecut.runtime.client, edgecut.runtime.server, edgecut.runtime.linkemu\n"
+            "import edgecut.cli.serve, edgecut.cli.run, edgecut.cli.link\n"
+            "assert not any(m.split('.')[0] == 'torch' for m in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
