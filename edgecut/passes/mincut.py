@@ -3,8 +3,10 @@
 The flow network of a `CutProblem` (source side = device, sink side = edge):
 
 - `s -> v` with v's edge seconds (paid when v runs on the edge), plus, for the exit's logits
-  node, the time to send the logits back; `v -> t` with v's device seconds. Placeholders get an
-  infinite `s -> v`: the input is on the device.
+  node, the time to send the logits back; `v -> t` with v's device seconds (less the smaller of
+  the two on both: it is paid either way). Placeholders are part of s: the input is on the
+  device (and a block's tail, see `Block`, part of t), which spares the flow algorithm the
+  infinite excess an infinite `s -> input` edge would start with.
 - for every input `u` of `v`, an infinite `v -> u`: a device node never uses an edge node's
   output, so tensors only flow device -> edge.
 - a producer `u` with consumers `c1..ck`: `u -> x_u` with the transfer time of u's output and
@@ -49,37 +51,39 @@ class DadsNetwork:
     def _build(self, p: CutProblem, lam_max: float):
         S, T = self.S, self.T
         self.problem, self.lam_max = p, lam_max
-        self.dynamic = []  # (u, v, base picoseconds, bytes): capacity = base + lam * bytes
-        edges = {}  # (u, v) -> capacity in picoseconds, None = infinite
+        edges = {}  # (u, v) -> [picoseconds, bytes] (capacity base + lam * bytes), None = infinite
+
+        def node(i):  # nodes with a fixed side are part of the source or the sink
+            return S if p.forced[i] else T if p.forced_edge[i] else i
+
+        def add(u, v, ps=0, nbytes=0):
+            if u == v or u == T or v == S:
+                return  # never cut: within one node, out of the sink, into the source
+            if ps is None:
+                edges[u, v] = None
+            elif edges.get((u, v), ()) is not None:
+                c = edges.setdefault((u, v), [0, 0])
+                c[0], c[1] = c[0] + ps, c[1] + nbytes
+
         sinks = set(p.sinks)
         for i in range(p.n):
-            ds, es = _ps(p.device_s[i]), _ps(p.edge_s[i])
-            if p.forced[i]:
-                edges[S, i], es = None, 0  # placeholders are on the device
-            elif p.forced_edge[i]:
-                edges[i, T], ds = None, 0  # a block's tail is on the edge
-            elif i in sinks:
-                self.dynamic.append((S, i, es, p.out_bytes[i]))  # edge seconds + logits back
-                edges[S, i], es = es + _ps(lam_max * p.out_bytes[i]), 0
-            else:
+            v = node(i)
+            if v == i:
+                ds, es = _ps(p.device_s[i]), _ps(p.edge_s[i])
                 m = min(ds, es)  # the cheaper side is paid anyway: keep only the difference
-                ds, es = ds - m, es - m
-            if es:
-                edges[S, i] = es
-            if ds:
-                edges[i, T] = ds
+                add(S, i, es - m, p.out_bytes[i] if i in sinks else 0)  # on the edge (+ logits back)
+                add(i, T, ds - m)                                       # on the device
             for u in p.preds[i]:
-                edges[i, u] = None  # no device node after an edge node
+                add(v, node(u), None)  # no device node after an edge node
             b, succ = p.out_bytes[i], p.succs[i]
-            if not succ or b <= 0:
-                continue
-            tail = succ[0] if len(succ) == 1 else ("x", i)
-            edges[i, tail] = _ps(lam_max * b)
-            self.dynamic.append((i, tail, 0, b))
-            if len(succ) > 1:
-                for c in succ:
-                    edges[tail, c] = None  # one transfer serves every consumer
-        self.R = _residual(edges, S, T)
+            if succ and b > 0:
+                tail = node(succ[0]) if len(succ) == 1 else ("x", i)
+                add(v, tail, 0, b)  # the transfer, once however many edge nodes use it
+                if len(succ) > 1:
+                    for c in succ:
+                        add(tail, node(c), None)
+        self.dynamic = [(u, v, c[0], c[1]) for (u, v), c in edges.items() if c is not None and c[1]]
+        self.R = _residual({e: None if c is None else c[0] + _ps(lam_max * c[1]) for e, c in edges.items()}, S, T)
 
     def cut(self, lam: float) -> CutCost:
         return self.problem.cost(self.solve(lam))
@@ -101,13 +105,15 @@ class DadsNetwork:
                 if u not in edge and attr["flow"] < attr["capacity"]:
                     edge.add(u)
                     queue.append(u)
-        return frozenset(i for i in range(self.problem.n) if i not in edge)
+        p = self.problem
+        return frozenset(i for i in range(p.n) if p.forced[i] or not (p.forced_edge[i] or i in edge))
 
 
 def _residual(edges: dict, S, T) -> nx.DiGraph:
     """networkx's residual network (what `build_residual_network` makes), built directly: both
     directions of every edge, infinite capacities as 3x the sum of the finite ones."""
     inf = 3 * sum(c for c in edges.values() if c) or 1
+    edges = {e: c for e, c in edges.items() if c != 0}
     caps = {e: inf if c is None else c for e, c in edges.items()}
     for u, v in edges:
         caps.setdefault((v, u), 0)
@@ -139,19 +145,22 @@ def lam_of(link: Link) -> float:
 class Block:
     """Nodes start..end of a problem between two articulation nodes (`CutProblem.articulations`):
     a cut whose boundary lies here has everything before `start` on the device and everything
-    after `end` on the edge, so the block is cut on its own and constants are added."""
+    after `end` on the edge, so the block is cut on its own and constants are added. A block
+    with at most `enumerate_up_to` cuts (a residual arm, a short chain) lists them all; a
+    larger one gets its own DADS network."""
 
-    def __init__(self, p: CutProblem, start: int, end: int, last: bool, lam_max: float):
+    def __init__(self, p: CutProblem, start: int, end: int, last: bool, lam_max: float, enumerate_up_to: int):
         self.start, self.end, self.last = start, end, last
         self.sub = p.restrict(start, end, tail_on_edge=not last)
         self.pre_s = sum(p.device_s[:start]) + sum(p.edge_s[end + 1:])
         self.down = sum(p.out_bytes[s] for s in p.sinks if s > end)
-        free = [i for i in range(self.sub.n) if not (self.sub.forced[i] or self.sub.forced_edge[i])]
-        self.net = DadsNetwork(self.sub, lam_max) if free else None
-        self.only = None if free else self.sub.cost(i for i in range(self.sub.n) if self.sub.forced[i])
+        self.cuts = _all_cuts(self.sub, enumerate_up_to)
+        self.net = DadsNetwork(self.sub, lam_max) if self.cuts is None else None
 
     def cut(self, lam: float) -> CutCost:
-        return self.only if self.net is None else self.net.cut(lam)
+        if self.net is not None:
+            return self.net.cut(lam)
+        return min(self.cuts, key=lambda c: (_value(c.line(), lam), -len(c.device)))
 
     def line(self, local: CutCost) -> tuple[float, int]:
         """The whole problem's A + lam * B of a cut of this block."""
@@ -162,14 +171,28 @@ class Block:
         return p.cost(list(range(self.start)) + [self.start + i for i in local.device])
 
 
+def _all_cuts(p: CutProblem, cap: int) -> list[CutCost] | None:
+    """Every cut of `p` (device sets closed under predecessors), or None if there are more than
+    `cap`: grown node by node in graph order, a node may join the device if its inputs did."""
+    sets = [()]
+    for i in range(p.n):
+        if p.forced[i] or p.forced_edge[i]:
+            sets = [s + (p.forced[i],) for s in sets]
+            continue
+        sets = [s + (on,) for s in sets for on in (False, True) if not on or all(s[j] for j in p.preds[i])]
+        if len(sets) > cap:
+            return None
+    return [p.cost(i for i, on in enumerate(s) if on) for s in sets]
+
+
 class MinCut:
     """The minimum cut of a `CutProblem` at transfer rates up to `lam_max` (seconds per byte).
 
     A problem with articulation nodes (a chain; ResNet between its blocks) splits into blocks,
-    each cut on its own small DADS network; the best block wins. Problems where a node other
-    than a placeholder has no inputs, or with several sinks, are cut as one block."""
+    each cut on its own (`Block`); the best block wins. Problems where a node other than a
+    placeholder has no inputs, or with several sinks, are cut as one block."""
 
-    def __init__(self, problem: CutProblem, lam_max: float):
+    def __init__(self, problem: CutProblem, lam_max: float, enumerate_up_to: int = 16):
         self.problem = p = problem
         cuts = p.articulations()
         sources = [i for i in range(p.n) if not p.preds[i] and not p.forced[i]]
@@ -178,7 +201,7 @@ class MinCut:
             cuts = []
         bounds = [0, *cuts, p.n - 1]
         with _no_gc():
-            self.blocks = [Block(p, a, b, b == p.n - 1, lam_max) for a, b in zip(bounds, bounds[1:])
+            self.blocks = [Block(p, a, b, b == p.n - 1, lam_max, enumerate_up_to) for a, b in zip(bounds, bounds[1:])
                            if b > a or p.n == 1]
         self._global = {}
 
@@ -197,7 +220,7 @@ class MinCut:
     def envelope(self, lams) -> list[CutCost]:
         """A minimum cut at every rate in `lams`, sharing work across rates (`envelope`)."""
         with _no_gc():
-            per_block = [envelope(b.cut, lams) if b.net else [b.only] * len(lams) for b in self.blocks]
+            per_block = [envelope(b.cut, lams) if b.net else [b.cut(x) for x in lams] for b in self.blocks]
             return [self._best([cuts[k] for cuts in per_block], lam) for k, lam in enumerate(lams)]
 
 

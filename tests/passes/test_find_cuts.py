@@ -159,10 +159,11 @@ def test_real_dag_decomposed_min_cut_equals_one_network():
     p = cut_problem(gm)
     lams = [lam_of(Link(b)) for b in (1e5, 1e6, 1e7, 1e8, 1e9)]
     mc, whole = MinCut(p, max(lams)), DadsNetwork(p, max(lams))
-    assert len(mc.blocks) > 10
-    for lam, env in zip(lams, mc.envelope(lams)):
+    flows = MinCut(p, max(lams), enumerate_up_to=0)  # every block on its own network
+    assert len(mc.blocks) > 10 and all(b.net is not None or len(b.cuts) == 1 for b in flows.blocks)
+    for lam, env, env_flows in zip(lams, mc.envelope(lams), flows.envelope(lams)):
         best = p.cost(whole.solve(lam))
-        for c in (mc.cut(lam), env):
+        for c in (mc.cut(lam), env, flows.cut(lam), env_flows):
             a, b = c.line()
             assert a + lam * b == pytest.approx(best.line()[0] + lam * best.line()[1], rel=1e-9)
 
@@ -218,6 +219,9 @@ def test_min_cut_equals_brute_force(gm, bandwidth, rtt):
     net = p.cost(DadsNetwork(p, lam).solve(lam))
     brute_line = min(c.line()[0] + lam * c.line()[1] for c in p.valid_cuts())
     assert net.line()[0] + lam * net.line()[1] == pytest.approx(brute_line, rel=1e-9, abs=1e-12)
+    # split at articulation nodes, every block on its own network
+    flows = p.cost(MinCut(p, lam, enumerate_up_to=0).cut(lam).device)
+    assert flows.line()[0] + lam * flows.line()[1] == pytest.approx(brute_line, rel=1e-9, abs=1e-12)
     # the public function names the same latency
     cut = min_cut(gm, link)
     assert p.cost(i for i, name in enumerate(p.names) if name in cut.device).latency(link) == \
@@ -230,7 +234,9 @@ def test_envelope_equals_brute_force_at_every_rate(gm):
     p = cut_problem(gm)
     lams = [8.0 / b for b in (5e4, 3e5, 2e6, 1e7, 8e7, 1e9)]
     cuts = list(p.valid_cuts())
-    for lam, c in zip(lams, MinCut(p, max(lams)).envelope(lams)):
+    envelopes = [MinCut(p, max(lams), enumerate_up_to=k).envelope(lams) for k in (0, 16)]
+    for k, lam in enumerate(lams):
         best = min(x.line()[0] + lam * x.line()[1] for x in cuts)
-        assert c.line()[0] + lam * c.line()[1] == pytest.approx(best, rel=1e-9, abs=1e-12)
         assert math.isfinite(best)
+        for env in envelopes:
+            assert env[k].line()[0] + lam * env[k].line()[1] == pytest.approx(best, rel=1e-9, abs=1e-12)
