@@ -1,8 +1,8 @@
 """Estimate the device -> edge bandwidth and round-trip time from the device's own transfers.
 
 Every request the device sends to the edge is a measurement: `bytes` went up in `seconds` of
-round trip (edge compute already subtracted). A round trip of a tiny frame is an RTT sample; a
-large one is a bandwidth sample `8 * bytes / (seconds - rtt)`. The estimate is the median of the
+round trip (edge compute already subtracted). A small round trip is an RTT sample; a large
+one a bandwidth sample `8 * bytes / (seconds - rtt)`. The estimate is the median of the
 last `window` bandwidth samples (one outlier cannot move it, two consecutive ones do), and the RTT
 the minimum of the recent small round trips (queueing only ever adds delay).
 """
@@ -15,8 +15,11 @@ from collections import deque
 
 
 class BandwidthEstimator:
-    """Online bandwidth/RTT estimate. `min_bytes`: transfers smaller than this are RTT samples
-    only; `window`: bandwidth samples kept; `rtt_window`: RTT samples kept. Thread-safe."""
+    """Online bandwidth/RTT estimate. A transfer smaller than `min_bytes` is an RTT sample only:
+    counting it as a rate sample made 32 devices on one loaded server read their own scheduling
+    jitter as a slow link (small crossings are measured by the idle probe instead, which sends at
+    least `min_bytes`). `window`: bandwidth samples kept; `rtt_window`: RTT samples kept.
+    Thread-safe."""
 
     def __init__(self, *, window: int = 3, rtt_window: int = 8, min_bytes: int = 16 * 1024,
                  initial_bandwidth: float | None = None, initial_rtt: float | None = None):
@@ -38,7 +41,7 @@ class BandwidthEstimator:
             return
         self.last_sample_at = time.monotonic()
         if nbytes < self.min_bytes:
-            self.add_rtt(seconds)
+            self.add_rtt(seconds)      # small: the time is mostly round trip, overheads and jitter
             return
         rtt = self.rtt or 0.0
         # a sample faster than the RTT says the RTT estimate is stale: trust half the time
@@ -63,7 +66,7 @@ class BandwidthEstimator:
     def samples(self) -> int:
         return len(self._bw)
 
-    def probe_bytes(self, target_s: float = 0.03, lo: int = 32 * 1024, hi: int = 1024 * 1024) -> int:
+    def probe_bytes(self, target_s: float = 0.03, lo: int = 16 * 1024, hi: int = 1024 * 1024) -> int:
         """How many bytes a probe should send to take about `target_s` at the current estimate."""
         bw = self.bandwidth
         if bw is None:
