@@ -90,7 +90,6 @@ def prepare(mod, num_inputs: int = 1):
         relax.transform.ConvertLayout(DESIRED_LAYOUTS),  # NCHW/OIHW -> NHWC/HWIO
         relax.transform.LegalizeOps(),                # every op -> a TIR PrimFunc
         relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
         relax.transform.FuseOps(),                    # conv/dense + bias, BN, ReLU, residual add
         relax.transform.FuseTIR(),
         relax.transform.LiftTransformParams(),        # weight-only work -> main_transform_params
