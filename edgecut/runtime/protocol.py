@@ -31,6 +31,7 @@ import hmac
 import os
 import socket
 import struct
+import threading
 import time
 
 import msgpack
@@ -73,7 +74,7 @@ class _Encoder:
         self.bufs: list = []
         self.small = bytearray()
         self.size = 0                      # bytes of the msgpack body so far
-        self.pack = msgpack.Packer(use_bin_type=True).pack
+        self.pack = _packer()
 
     def raw(self, b: bytes) -> None:
         self.small += b
@@ -134,6 +135,17 @@ class _Encoder:
         if self.small:
             self.bufs.append(bytes(self.small))
         return [_HEADER.pack(self.size), *self.bufs]
+
+
+_local = threading.local()
+
+
+def _packer():
+    """This thread's msgpack packer (making one per frame cost more than packing a small frame)."""
+    pack = getattr(_local, "pack", None)
+    if pack is None:
+        pack = _local.pack = msgpack.Packer(use_bin_type=True).pack
+    return pack
 
 
 def _map_header(n: int) -> bytes:
