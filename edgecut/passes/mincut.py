@@ -18,6 +18,10 @@ bandwidth. The link's fixed cost (rtt + overhead) is paid once by every cut exce
 so it stays out of the network: `best_cut` compares the min cut + fixed cost with device-only.
 Capacities are integer picoseconds, so networkx's arithmetic is exact; only the transfer
 capacities depend on the bandwidth, and `DadsNetwork.solve` re-sets those on one residual network.
+
+Two exact reductions keep the networks small (`MinCut`): the problem is split into blocks at its
+articulation nodes, tiny blocks are enumerated; and at low bandwidth, a producer whose transfer
+alone costs more than an always-valid cut is merged with its consumers (`_merges`).
 """
 from __future__ import annotations
 
@@ -38,23 +42,25 @@ def _ps(seconds: float) -> int:
     return int(round(seconds * PS))
 
 
+S, T = "s", "t"
+
+
 class DadsNetwork:
     """DADS's flow network of `problem`, valid for transfer rates up to `lam_max` seconds per
-    byte (8 / lowest bandwidth): `solve(lam)` re-sets the transfer capacities and cuts."""
+    byte (8 / lowest bandwidth): `solve(lam)` re-sets the transfer capacities and cuts.
+    `merged[i]`, when given, names the node that node i is merged into (S, T or a node)."""
 
-    S, T = "s", "t"
+    S, T = S, T
 
-    def __init__(self, problem: CutProblem, lam_max: float):
+    def __init__(self, problem: CutProblem, lam_max: float, merged: list | None = None):
         with _no_gc():
-            self._build(problem, lam_max)
+            self._build(problem, lam_max, merged)
 
-    def _build(self, p: CutProblem, lam_max: float):
-        S, T = self.S, self.T
+    def _build(self, p: CutProblem, lam_max: float, merged):
         self.problem, self.lam_max = p, lam_max
         edges = {}  # (u, v) -> [picoseconds, bytes] (capacity base + lam * bytes), None = infinite
-
-        def node(i):  # nodes with a fixed side are part of the source or the sink
-            return S if p.forced[i] else T if p.forced_edge[i] else i
+        self.node = node = (lambda i: merged[i]) if merged else (
+            lambda i: S if p.forced[i] else T if p.forced_edge[i] else i)  # fixed sides join s, t
 
         def add(u, v, ps=0, nbytes=0):
             if u == v or u == T or v == S:
@@ -68,11 +74,11 @@ class DadsNetwork:
         sinks = set(p.sinks)
         for i in range(p.n):
             v = node(i)
-            if v == i:
+            if v not in (S, T):
                 ds, es = _ps(p.device_s[i]), _ps(p.edge_s[i])
                 m = min(ds, es)  # the cheaper side is paid anyway: keep only the difference
-                add(S, i, es - m, p.out_bytes[i] if i in sinks else 0)  # on the edge (+ logits back)
-                add(i, T, ds - m)                                       # on the device
+                add(S, v, es - m, p.out_bytes[i] if i in sinks else 0)  # on the edge (+ logits back)
+                add(v, T, ds - m)                                       # on the device
             for u in p.preds[i]:
                 add(v, node(u), None)  # no device node after an edge node
             b, succ = p.out_bytes[i], p.succs[i]
@@ -92,7 +98,7 @@ class DadsNetwork:
         """Device node indices of a minimum cut at `lam` = 8 / bandwidth seconds per byte."""
         if lam > self.lam_max * (1 + 1e-12):
             raise ValueError(f"rate {lam} s/byte above the network's maximum {self.lam_max}")
-        R, S, T = self.R, self.S, self.T
+        R = self.R
         for u, v, base, b in self.dynamic:
             R[u][v]["capacity"] = base + _ps(lam * b)
         with _no_gc():
@@ -105,8 +111,8 @@ class DadsNetwork:
                 if u not in edge and attr["flow"] < attr["capacity"]:
                     edge.add(u)
                     queue.append(u)
-        p = self.problem
-        return frozenset(i for i in range(p.n) if p.forced[i] or not (p.forced_edge[i] or i in edge))
+        node = self.node
+        return frozenset(i for i in range(self.problem.n) if node(i) not in edge)
 
 
 def _residual(edges: dict, S, T) -> nx.DiGraph:
@@ -155,12 +161,26 @@ class Block:
         self.pre_s = sum(p.device_s[:start]) + sum(p.edge_s[end + 1:])
         self.down = sum(p.out_bytes[s] for s in p.sinks if s > end)
         self.cuts = _all_cuts(self.sub, enumerate_up_to)
-        self.net = DadsNetwork(self.sub, lam_max) if self.cuts is None else None
+        self.lam_max, self._net = lam_max, None
+        if self.cuts is None:  # cuts that are always valid: their cost bounds the optimum
+            forced = self.sub.cost(i for i in range(self.sub.n) if self.sub.forced[i])
+            self.bounds = [forced.line()] + ([self.sub.device_only().line()] if last else [])
+
+    @property
+    def net(self) -> DadsNetwork | None:
+        """The block's flow network (built on first use); None for an enumerated block."""
+        if self._net is None and self.cuts is None:
+            self._net = DadsNetwork(self.sub, self.lam_max)
+        return self._net
 
     def cut(self, lam: float) -> CutCost:
-        if self.net is not None:
+        if self.cuts is not None:
+            return min(self.cuts, key=lambda c: (_value(c.line(), lam), -len(c.device)))
+        merged = _merges(self.sub, lam, min(_value(b, lam) for b in self.bounds))
+        if merged is None:
             return self.net.cut(lam)
-        return min(self.cuts, key=lambda c: (_value(c.line(), lam), -len(c.device)))
+        return self.sub.cost(DadsNetwork(self.sub, lam, merged).solve(lam))
+
 
     def line(self, local: CutCost) -> tuple[float, int]:
         """The whole problem's A + lam * B of a cut of this block."""
@@ -170,6 +190,37 @@ class Block:
     def to_global(self, p: CutProblem, local: CutCost) -> CutCost:
         return p.cost(list(range(self.start)) + [self.start + i for i in local.device])
 
+
+def _merges(p: CutProblem, lam: float, bound: float) -> list | None:
+    """Which nodes can share one network node at rate `lam`: sending u's output alone costs more
+    than `bound` (the cost of a valid cut), so no optimal cut separates u from its consumers.
+    At low bandwidth this shrinks the network many times over; None when under a quarter of the
+    nodes would merge (then the prebuilt network is cheaper)."""
+    parent = list(range(p.n + 2))  # p.n stands for S, p.n + 1 for T
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def union(a, b):
+        parent[find(a)] = find(b)
+
+    for i in range(p.n):
+        if p.forced[i] or p.forced_edge[i]:
+            union(i, p.n if p.forced[i] else p.n + 1)
+    limit, unions = bound * (1 + 1e-9) + 1e-12, 0
+    for i in range(p.n):
+        if p.succs[i] and lam * p.out_bytes[i] > limit:
+            for c in p.succs[i]:
+                if find(i) != find(c):
+                    union(i, c)
+                    unions += 1
+    s, t = find(p.n), find(p.n + 1)
+    if s == t or 4 * unions < p.n:
+        return None
+    return [S if r == s else T if r == t else r for r in map(find, range(p.n))]
 
 def _all_cuts(p: CutProblem, cap: int) -> list[CutCost] | None:
     """Every cut of `p` (device sets closed under predecessors), or None if there are more than
@@ -220,7 +271,8 @@ class MinCut:
     def envelope(self, lams) -> list[CutCost]:
         """A minimum cut at every rate in `lams`, sharing work across rates (`envelope`)."""
         with _no_gc():
-            per_block = [envelope(b.cut, lams) if b.net else [b.cut(x) for x in lams] for b in self.blocks]
+            per_block = [envelope(b.cut, lams) if b.cuts is None else [b.cut(x) for x in lams]
+                         for b in self.blocks]
             return [self._best([cuts[k] for cuts in per_block], lam) for k, lam in enumerate(lams)]
 
 
