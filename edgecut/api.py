@@ -17,6 +17,7 @@ from pathlib import Path
 
 from edgecut import targets as _targets
 from edgecut.errors import PlanError, UsageError
+from edgecut.frontend import meta
 from edgecut.types import Link, Plan, PlanTable
 from edgecut.units import format_bandwidth, format_time, parse_bandwidth, parse_time
 
@@ -39,7 +40,8 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     expected bandwidth (bit/s or "2mbit"), used by `Artifact.plan()` with no argument; the plan
     table covers 50 kbit/s - 1 Gbit/s regardless. exits: "auto", a list of node names, or None;
     exits are trained only when `data` is given ("digits", a (train, val[, test]) tuple of torch
-    Datasets, or `edgecut.data.Splits`). objective: "accuracy" (Edgent) or "latency"
+    Datasets, or `edgecut.data.Splits`). `model` may also be `artifact.gm` of an earlier compile
+    with exits: it is then compiled again (another deadline, another target) without retraining. objective: "accuracy" (Edgent) or "latency"
     (Neurosurgeon). margin: relative prediction error to plan for, or "p95" for the profiles'
     95th-percentile error (ALERT). rtt: the link's round trip in seconds or "20ms".
     """
@@ -59,9 +61,13 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     edge_prof = load_profile(edge_profile or _default_profile(edge_t, "edge"), target=edge_t)
     margin = max(dev_prof.error_p95, edge_prof.error_p95) if margin == "p95" else float(margin)
 
-    gm = trace(model, example_input)                                     # fx graph + layer metadata
-    exit_info = _right_size(gm, exits, data, example_input, epochs, max_accuracy_loss, num_exits, progress)
-    gm = exit_info.pop("gm")
+    if _trained(model):                                                  # a graph compile already right-sized
+        gm, exit_info = model, dict(model.meta.get(meta.RIGHT_SIZING, {}))
+    else:
+        gm = trace(model, example_input)                                 # fx graph + layer metadata
+        exit_info = _right_size(gm, exits, data, example_input, epochs, max_accuracy_loss, num_exits, progress)
+        gm = exit_info.pop("gm")
+        gm.meta[meta.RIGHT_SIZING] = exit_info
     gm = annotate_cost(gm, dev_prof, edge_prof, allow_uncalibrated)     # device/edge seconds per node
     overhead = dev_prof.message_overhead_s or edge_prof.message_overhead_s
     with warnings.catch_warnings(record=True) as caught:                # the solver's DeadlineWarning
@@ -78,6 +84,12 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     manifest = build_artifact(gm, table, device_t, edge_t, out, (example_input,), backend=backend,
                               model_name=name or type(model).__name__, progress=progress, info=info)
     return Artifact(out, manifest, gm)
+
+
+def _trained(model) -> bool:
+    import torch.fx
+
+    return isinstance(model, torch.fx.GraphModule) and bool(model.meta.get(meta.EXITS))
 
 
 def _default_profile(t, role: str) -> str:

@@ -42,6 +42,7 @@ class Profile:
     date: str = ""
     edgecut_version: str = ""
     notes: str = ""
+    scale: float = 1.0                    # every layer prediction is multiplied by this (see `scaled`)
     _models: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self):
@@ -71,12 +72,21 @@ class Profile:
         else:
             from edgecut.costmodel.features import SHAPE, WORK
             x = [work[k] for k in (SHAPE if d["features"][name] == "shape" else WORK)]
-        return float(est.predict(np.asarray([x], dtype=float))[0])
+        return self.scale * float(est.predict(np.asarray([x], dtype=float))[0])
 
     def fallback_seconds(self, work: dict) -> float:
         f = self.fallback
-        return max(0.0, f["intercept"] + f["s_per_mac"] * work["macs"]
+        return self.scale * max(0.0, f["intercept"] + f["s_per_mac"] * work["macs"]
                    + f["s_per_elem"] * (work["in_elems"] + work["out_elems"]))
+
+    def scaled(self, factor: float) -> "Profile":
+        """This profile for a machine `factor` times slower (layer costs scale; the network's
+        per-message overhead does not). Used to plan for an emulated slow device."""
+        from dataclasses import replace
+
+        if not factor > 0:
+            raise ValueError(f"scale factor must be > 0, got {factor}")
+        return replace(self, name=f"{self.name}x{factor:g}", scale=self.scale * factor)
 
     def loading_seconds(self, model_bytes: int) -> float:
         """Edgent's model-loading regression: seconds to load a library of `model_bytes`."""

@@ -32,6 +32,8 @@ EXIT_POINT = "edgecut.exit_point"  # int on the backbone node an exit branches f
 EXITS = "edgecut.exits"        # list[dict]: one per exit, ordered by id: {"id", "point" (backbone node name),
                                #   "output" (logits node name), "macs", "accuracy", "threshold"}
 EXIT = "edgecut.exit"          # int: the one exit a graph lowered by passes.lower_exit computes
+RIGHT_SIZING = "edgecut.right_sizing"  # dict: what compile measured of the exits (test accuracy,
+                               #   early-exit fractions), so a trained graph can be compiled again
 TRACER = "_edgecut_tracer"     # "fx" or "export": which tracer produced the graph
 COST = "edgecut.cost"          # dict written by annotate_cost: {"device"|"edge": {"profile", "calibrated",
                                #   "error_p95", "source"}, "uncalibrated": [profile names allowed anyway]}
