@@ -25,22 +25,26 @@ from sklearn.utils.validation import check_is_fitted, check_X_y, check_array
 # candidate name -> (estimator factory, which features it reads, fewest samples it needs)
 CANDIDATES = {
     "edgent": (lambda: LinearLatency(), "edgent", 1),
-    "work": (lambda: LinearLatency(positive=True), "work", 1),
+    "work": (lambda: LinearLatency(positive=True, relative=True), "work", 1),
     "loglinear": (lambda: LogLinearLatency(), "work", 4),
     "gbt": (lambda: GBTLatency(), "shape", 20),
 }
 
 
 class LinearLatency(RegressorMixin, BaseEstimator):
-    """Latency (seconds) = intercept_ + coef_ . x, clipped below at floor_."""
+    """Latency (seconds) = intercept_ + coef_ . x, clipped below at floor_. With `relative=True`
+    the squared errors are weighted by 1/y^2 (relative error), so a few slow layers cannot buy a
+    large intercept that every small layer then pays."""
 
-    def __init__(self, positive: bool = False, floor: float | None = None):
+    def __init__(self, positive: bool = False, relative: bool = False, floor: float | None = None):
         self.positive = positive
+        self.relative = relative
         self.floor = floor
 
     def fit(self, X, y):
         X, y = check_X_y(X, y, dtype=float)
-        lr = LinearRegression(positive=self.positive).fit(X, y)
+        w = 1.0 / np.maximum(y, 1e-12) ** 2 if self.relative else None
+        lr = LinearRegression(positive=self.positive).fit(X, y, sample_weight=w)
         self.coef_, self.intercept_ = lr.coef_.astype(float), float(lr.intercept_)
         self.floor_ = float(self.floor if self.floor is not None else max(0.0, 0.5 * y.min()))
         self.n_features_in_ = X.shape[1]
@@ -199,8 +203,9 @@ def fit_kind(X: dict, y, folds: int = 5, seed: int = 0) -> dict:
     fitted when its feature set is given and there are enough samples for it.
     Returns a JSON-ready dict: {"models": {name: estimator dict}, "features": {name: feature set},
     "chosen": name, "cv": {name: {"wape", "mdape", "p95"}}, "n": samples}. The chosen model has the
-    lowest out-of-fold weighted absolute percentage error (sum |error| / sum latency), the error
-    that matters when layer predictions are summed into a plan's latency.
+    lowest sum of two out-of-fold errors: the weighted absolute percentage error (sum |error| /
+    sum latency, what matters when big layers are summed into a plan) and the median relative
+    error (what matters for the many small layers of a segment).
     """
     X = {k: np.asarray(v, float) for k, v in X.items()}
     y = np.asarray(y, float)
@@ -217,6 +222,6 @@ def fit_kind(X: dict, y, folds: int = 5, seed: int = 0) -> dict:
             for tr, te in KFold(k, shuffle=True, random_state=seed).split(y):
                 oof[te] = make().fit(X[feats][tr], y[tr]).predict(X[feats][te])
             out["cv"][name] = _scores(y, oof)
-    scored = {k: v["wape"] for k, v in out["cv"].items()}
+    scored = {k: v["wape"] + v["mdape"] for k, v in out["cv"].items()}
     out["chosen"] = min(scored, key=scored.get) if scored else "work"
     return out
