@@ -247,7 +247,7 @@ def find_cuts(gm: fx.GraphModule, exit_id: int | None = None) -> list[Cut]:
     return [p.to_cut(c) for c in p.chain_cuts()]
 
 
-def best_of(problem: CutProblem, cuts, link: Link) -> CutCost:
+def best_of(cuts, link: Link) -> CutCost:
     """The lowest-latency cut among `cuts` (the first on ties)."""
     return min(cuts, key=lambda c: c.latency(link))
 
@@ -258,7 +258,7 @@ def brute_force_cut(gm: fx.GraphModule, link: Link, exit_id: int | None = None, 
     p = cut_problem(gm, exit_id)
     if p.n > max_nodes:
         raise UsageError(f"brute force over {p.n} nodes would try up to 2**{p.n} cuts; use min_cut")
-    return p.to_cut(best_of(p, p.valid_cuts(), link))
+    return p.to_cut(best_of(p.valid_cuts(), link))
 
 
 def min_cut(gm: fx.GraphModule, link: Link, exit_id: int | None = None) -> Cut:
