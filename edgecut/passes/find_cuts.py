@@ -128,6 +128,9 @@ class CutProblem:
             keep.add(n)
             stack.extend(n.all_input_nodes)
         order = [n for n in nodes if n in keep]
+        if not order:
+            raise PlanError(f"exit {exit['id']} computes nothing from the inputs (its output is a "
+                            "parameter or constant): there is nothing to place on device or edge")
         idx = {n: i for i, n in enumerate(order)}
         self.n = len(order)
         self.names = [n.name for n in order]

@@ -20,6 +20,7 @@ Reads what `find_cuts` reads (run `annotate_cost` first). Writes nothing.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch.fx as fx
@@ -36,9 +37,9 @@ OBJECTIVES = ("accuracy", "latency")
 def check_args(deadline: float, objective: str, margin: float) -> None:
     if objective not in OBJECTIVES:
         raise UsageError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
-    if not (isinstance(deadline, (int, float)) and deadline > 0):
+    if not (isinstance(deadline, numbers.Real) and deadline > 0):
         raise UsageError(f"deadline must be a positive number of seconds (math.inf for none), got {deadline!r}")
-    if not (isinstance(margin, (int, float)) and 0 <= margin < math.inf):
+    if not (isinstance(margin, numbers.Real) and 0 <= margin < math.inf):
         raise UsageError(f"margin is a relative prediction error such as 0.1 (10%), got {margin!r}")
 
 
