@@ -179,3 +179,18 @@ def test_plan_table_latency_objective_and_custom_bandwidths():
     assert table.bounds == (1e3, 8e6, 1e9)
     assert {p.exit for p in table.plans} == {2}
     assert table.lookup(8e6).cut.name == "after:l1" and table.lookup(1e3).cut.name == "device"
+
+
+class Constant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return self.w
+
+
+def test_an_exit_that_computes_nothing_is_refused():
+    gm = edgecut.trace(Constant().eval(), torch.randn(1, 2))
+    with pytest.raises(PlanError, match="computes nothing"):
+        solve(gm, FAST, 1.0)
