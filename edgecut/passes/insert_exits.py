@@ -72,8 +72,8 @@ def insert_exits(gm: fx.GraphModule, points: str | Sequence[str] = "auto", head:
     num_classes: defaults to the last dimension of the backbone's output.
 
     The default head is BranchyNet's: for an image tensor (N, C, H, W), a max pool down to at
-    most 8x8, a 3x3 conv to min(32, C) channels, ReLU, an adaptive average pool to at most 4x4,
-    flatten and a linear layer; for a vector (N, F), one linear layer. The conv narrows (down to 4
+    most 8x8, a 3x3 conv to min(32, C) channels, ReLU, an average pool down to at most 4x4,
+    flatten and a linear layer (fixed kernels, no adaptive pooling: TVM and ONNX take it as is); for a vector (N, F), one linear layer. The conv narrows (down to 4
     channels) where that is needed to keep the head near a quarter of the backbone's MACs before it.
     """
     if M.SHAPE not in next(iter(gm.graph.nodes)).meta:
@@ -130,17 +130,20 @@ def default_head(shape: tuple, num_classes: int, max_macs: int | None = None) ->
                         "pass head=your_factory(shape, num_classes) for other shapes")
     _, c, h, w = shape
     layers: list[nn.Module] = []
-    k = max(math.ceil(h / 8), math.ceil(w / 8))
-    if k > 1:
-        layers.append(nn.MaxPool2d(kernel_size=k, stride=k, ceil_mode=True))
-        h, w = math.ceil(h / k), math.ceil(w / k)
+    k = (math.ceil(h / 8), math.ceil(w / 8))
+    if k != (1, 1):
+        layers.append(nn.MaxPool2d(kernel_size=k, stride=k))
+        h, w = h // k[0], w // k[1]
     width = min(32, c)
-    ph, pw = min(h, 4), min(w, 4)
+    k2 = (math.ceil(h / 4), math.ceil(w / 4))
+    ph, pw = h // k2[0], w // k2[1]
     if max_macs is not None:
         per_channel = h * w * c * 9 + ph * pw * num_classes
         width = max(min(4, width), min(width, max_macs // per_channel))
-    layers += [nn.Conv2d(c, width, kernel_size=3, padding=1), nn.ReLU(),
-               nn.AdaptiveAvgPool2d((ph, pw)), nn.Flatten(), nn.Linear(width * ph * pw, num_classes)]
+    layers += [nn.Conv2d(c, width, kernel_size=3, padding=1), nn.ReLU()]
+    if k2 != (1, 1):
+        layers.append(nn.AvgPool2d(kernel_size=k2, stride=k2))
+    layers += [nn.Flatten(), nn.Linear(width * ph * pw, num_classes)]
     return nn.Sequential(*layers)
 
 

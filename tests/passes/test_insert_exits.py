@@ -31,7 +31,7 @@ def test_chain_structure_and_numerics():
     assert isinstance(logits, tuple) and len(logits) == 2
     head = head_nodes(t, 0)
     assert [type(t.get_submodule(n.target)).__name__ for n in head] == \
-        ["Conv2d", "ReLU", "AdaptiveAvgPool2d", "Flatten", "Linear"]
+        ["Conv2d", "ReLU", "AvgPool2d", "Flatten", "Linear"]
     assert head[0].args[0].name == "pool1" and logits[0] is head[-1] and logits[1].name == "fc"
     by_name = {n.name: n for n in t.graph.nodes}
     assert by_name["pool1"].meta[M.EXIT_POINT] == 0 and by_name["fc"].meta[M.EXIT_POINT] == 1
@@ -145,3 +145,28 @@ def test_needs_an_analysed_single_output_graph():
     gm = fx.symbolic_trace(zoo.get("tiny_chain"))
     with pytest.raises(ExitError, match="analysed graph"):
         insert_exits(gm)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # the TorchScript ONNX exporter's notice
+def test_lowered_exit_compiles_with_tvm_and_onnx(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.torch import from_fx
+
+    _, gm = traced("tiny_chain")
+    low = lower_exit(insert_exits(gm, ["pool1"]), 0).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        want = low(x).numpy()
+    mod, params = detach_params(from_fx(low, [((1, 3, 16, 16), "float32")], keep_params_as_input=True))
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x.numpy()), *[tvm.runtime.tensor(p.numpy()) for p in params["main"]])
+    got = got if hasattr(got, "numpy") else got[0]
+    assert np.abs(got.numpy() - want).max() < 1e-5
+    path = str(tmp_path / "exit0.onnx")
+    torch.onnx.export(low, (x,), path, dynamo=False)
+    sess = ort.InferenceSession(path)
+    assert np.abs(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0] - want).max() < 1e-5
