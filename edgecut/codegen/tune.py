@@ -61,12 +61,14 @@ def open_database(path: str | Path):
 
 def tune(mod, params, target: Target | str, *, trials: int, num_inputs: int = 1,
          trials_per_task: int | None = None, work_dir: str | Path | None = None,
-         rpc: tuple[str, int, str] | None = None, progress: bool = True) -> Path:
+         rpc: tuple[str, int, str] | None = None, progress: bool = True,
+         timeout_s: float = 120.0) -> Path:
     """Tune the kernels of `mod` (weights as inputs, as for `build`) for `target`.
 
     trials: measured candidates in total, spread over the kernels (MetaSchedule's gradient task
     scheduler gives more to the kernels that take longer); trials_per_task caps one kernel
-    (default: trials / number of kernels, at least 8). Returns the database folder.
+    (default: trials / number of kernels, at least 8). timeout_s bounds building and running one
+    candidate (generous: the machine may be shared). Returns the database folder.
     """
     import tvm
     from tvm.s_tir import meta_schedule as ms
@@ -76,7 +78,7 @@ def tune(mod, params, target: Target | str, *, trials: int, num_inputs: int = 1,
     t = _targets.get(target)
     if not t.runs_here and rpc is None:
         raise UsageError(f"target {t.name!r} does not run on this machine: tuning measures every "
-                         "candidate, so pass rpc=(tracker_host, tracker_port, device_key) for a "
+                         "candidate, so pass --rpc HOST:PORT:KEY (Python: rpc=(host, port, key)) for a "
                          "device reachable over tvm.rpc, or tune for 'local'")
     if trials < 1:
         raise UsageError(f"trials must be at least 1, got {trials}")
@@ -88,51 +90,74 @@ def tune(mod, params, target: Target | str, *, trials: int, num_inputs: int = 1,
         tvm_target = tvm.target.Target(spec)
     work = Path(work_dir) if work_dir else database_dir(t)
     work.mkdir(parents=True, exist_ok=True)
-    tasks = ms.relax_integration.extract_tasks(main_mod, tvm_target)
-    per_task = trials_per_task or max(8, trials // max(1, len(tasks)))
+    n_tasks = len(ms.relax_integration.extract_tasks(main_mod, tvm_target))
+    per_task = trials_per_task or max(8, trials // max(1, n_tasks))
     runner = "local"
     if rpc is not None:
         host, port, key = rpc
         runner = ms.runner.RPCRunner(ms.runner.RPCConfig(tracker_host=host, tracker_port=port,
                                                          tracker_key=key))
-    callbacks = ms.measure_callback.MeasureCallback.create("default")
+    callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=min(trials, per_task * len(tasks)), unit="trial",
-                   desc=f"tune {t.name} ({len(tasks)} kernels)")
-        callbacks = list(callbacks) + [_ProgressCallback(bar)]
+        bar = tqdm(total=min(trials, per_task * n_tasks), unit="trial",
+                   desc=f"tune {t.name} ({n_tasks} kernels)")
+        callbacks.append(_ProgressCallback(bar))
+    if runner == "local":
+        runner = ms.runner.LocalRunner(timeout_sec=timeout_s)
     try:
-        ms.tune_tasks(
-            tasks=[tk.dispatched[0] and _ctx(tk, tvm_target) for tk in tasks],
-            task_weights=[tk.weight for tk in tasks],
-            work_dir=str(work),
-            max_trials_global=trials,
-            max_trials_per_task=per_task,
-            num_trials_per_iter=min(64, per_task),
-            runner=runner,
-            measure_callbacks=callbacks,
-            database=ms.database.JSONDatabase(work_dir=str(work)),
-        )
+        db = ms.relax_integration.tune_relax(
+            mod=main_mod, params={}, target=tvm_target, work_dir=str(work),
+            max_trials_global=trials, max_trials_per_task=per_task,
+            num_trials_per_iter=min(64, per_task), runner=runner, measure_callbacks=callbacks,
+            builder=ms.builder.LocalBuilder(timeout_sec=timeout_s))
+        if rpc is None:
+            record_rule_schedules(main_mod, tvm_target, db)
     finally:
         if bar is not None:
             bar.close()
     return work
 
 
-def _ctx(task, tvm_target):
+def record_rule_schedules(main_mod, tvm_target, db) -> int:
+    """Measure edgecut's rule schedule of every kernel and commit it to `db` as one more
+    candidate, so that the database's best record per kernel is never slower than the default
+    build (a short search often finds nothing better than the rules). Returns the count."""
+    import numpy as np
+    import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.TuneContext(mod=task.dispatched[0], target=tvm_target,
-                          space_generator="post-order-apply", search_strategy="evolutionary",
-                          task_name=task.task_name, logger=None)
+    from edgecut.codegen.schedules import make_schedule
+
+    n = 0
+    for task in ms.relax_integration.extract_tasks(main_mod, tvm_target):
+        wmod = task.dispatched[0]
+        func = wmod["main"]
+        try:
+            with tvm_target:
+                sch = make_schedule(func, tvm_target)
+            one = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
+            lib = tvm.compile(one, target=tvm_target).jit()
+            args = [tvm.runtime.tensor(np.random.default_rng(0).random([int(d) for d in b.shape]).astype(b.dtype))
+                    for b in sch.mod["main"].params]
+            secs = lib.time_evaluator("main", tvm.cpu(), number=5, repeat=5)(*args).results
+        except Exception as e:  # noqa: BLE001 - a kernel the rules leave alone: nothing to add
+            log.info("rule schedule of %s not recorded: %s", task.task_name, e)
+            continue
+        db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, db.commit_workload(wmod), [float(np.median(secs))], tvm_target,
+            ms.arg_info.ArgInfo.from_prim_func(func)))
+        n += 1
+    return n
 
 
 def _progress_callback_class():
+    from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
-    @ms.derived_object
+    @derived_object
     class ProgressCallback(ms.measure_callback.PyMeasureCallback):
         def __init__(self, bar):
             self.bar = bar

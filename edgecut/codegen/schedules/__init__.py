@@ -21,16 +21,22 @@ log = logging.getLogger(__name__)
 
 LIGHT_REDUCTION = 49  # reduction points per output up to which padding is inlined (7x7 window)
 
-__all__ = ["schedule_module", "schedule_func", "vector_lanes", "plan_tiles"]
+__all__ = ["schedule_module", "schedule_func", "make_schedule", "vector_lanes", "plan_tiles"]
 
 
 def schedule_func(func, target):
     """Return `func` (a tirx.PrimFunc) scheduled for `target`, or unchanged if already scheduled."""
+    if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
+        return func
+    return make_schedule(func, target).mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def make_schedule(func, target):
+    """The `tvm.s_tir.Schedule` of `func` under edgecut's rules (its `.trace` replays them: that
+    is how `edgecut tune` records them as a candidate next to MetaSchedule's)."""
     from tvm import s_tir
     from tvm.ir import IRModule
 
-    if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
-        return func
     lanes = vector_lanes(target)
     sch = s_tir.Schedule(IRModule({"main": func}))
     root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
@@ -45,7 +51,7 @@ def schedule_func(func, target):
                 schedule_outer_parallel(sch, b)
             else:
                 schedule_injective(sch, b, lanes)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch
 
 
 def _schedule_one_reduction(sch, blocks, main, lanes):
