@@ -133,14 +133,20 @@ def train_exits(model: fx.GraphModule, train: Data, val: Data, epochs: int = 20,
     check_data(model, val_batches, "validation")
 
     heads = _head_modules(model)
-    frozen = {}
     if mode == "heads":
         weights[-1] = 0.0   # the final exit is the frozen backbone
+    if not any(weights) or (mode == "heads" and not heads):
+        raise ExitError(f"nothing to train in mode {mode!r}: the model has {len(exits)} exit(s) with loss weights "
+                        f"{weights}; insert exit heads, or give some exit a positive weight")
+    frozen = {}
+    if mode == "heads":
         for name, p in model.named_parameters():
             if name.split(".")[0] not in heads:
                 frozen[name] = p.requires_grad
                 p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ExitError("every parameter of the model has requires_grad=False: nothing to train")
     steps = max(1, epochs * len(train_batches))
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)

@@ -89,10 +89,14 @@ def insert_exits(gm: fx.GraphModule, points: str | Sequence[str] = "auto", head:
                         "that returns one (batch, classes) tensor of logits")
     num_classes = num_classes or out_shape[-1]
     valid = valid_exit_points(gm)
-    if head is None:
-        valid = [p for p in valid if len(_node(gm, p).meta[M.SHAPE]) in (2, 4)]
-    chosen = _auto_points(gm, valid, num_exits - 1) if isinstance(points, str) and points == "auto" \
-        else _check_points(gm, points, valid)
+    if isinstance(points, str) and points == "auto":
+        if not isinstance(num_exits, int) or num_exits < 1:
+            raise ExitError(f"num_exits counts the exits including the final one: 1 or more, not {num_exits!r}")
+        if head is None:   # the default head takes images and vectors
+            valid = [p for p in valid if len(_node(gm, p).meta[M.SHAPE]) in (2, 4)]
+        chosen = _auto_points(gm, valid, num_exits - 1)
+    else:
+        chosen = _check_points(gm, points, valid)
 
     gm = copy.deepcopy(gm)
     example = example_inputs(gm)

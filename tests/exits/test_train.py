@@ -63,3 +63,11 @@ def test_bad_data_and_arguments():
     plain = edgecut.trace(zoo.get("tiny_chain"), torch.randn(1, 3, 16, 16))
     with pytest.raises(ExitError, match="insert_exits"):
         train_exits(plain, ok, ok, progress=False)
+
+
+def test_heads_mode_needs_heads():
+    gm = chain_with_exits(points=())
+    ok = data.synthetic((3, 16, 16), n=8)
+    with pytest.raises(ExitError, match="nothing to train in mode 'heads'"):
+        train_exits(gm, ok, ok, mode="heads", progress=False)
+    assert all(p.requires_grad for p in gm.parameters())
