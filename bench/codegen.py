@@ -77,7 +77,7 @@ def has_records(model_mod, target="local") -> bool:
     dbs = [tune.open_database(d) for d in tune.database_dirs(target)]
     if not dbs:
         return False
-    main, _ = prepare(model_mod)
+    main = prepare(model_mod)[0]
     import tvm
 
     for gv, f in main.functions_items():

@@ -64,7 +64,8 @@ def build(mod, params, target: Target | str, *, num_inputs: int = 1, schedule: b
         ex = tvm.compile(mod, target=tvm_target)
         return Built(ex, params, t, num_inputs)
 
-    fused, weights1 = prepare(mod, num_inputs)
+    fused, weights1, constants = prepare(mod, num_inputs)
+    params = params + constants
     with tvm_target:
         fused = apply_schedules(fused, tvm_target, _databases(t, tuning_dir))
     main_mod, weights2 = split_weight_prepack(fused)
@@ -74,7 +75,9 @@ def build(mod, params, target: Target | str, *, num_inputs: int = 1, schedule: b
 
 
 def prepare(mod, num_inputs: int = 1):
-    """Legalize, re-layout and fuse `mod`; return (main module, weight-transform module or None).
+    """Legalize, re-layout and fuse `mod`; return (main module, weight-transform module or None,
+    constants). `constants` (arrays such as batch-norm running statistics, which the importer
+    embeds) become weights appended after `params`, so their transforms are lifted as well.
 
     The main module's `main` takes the inputs then the transformed weights, and its kernels name
     their weight arguments in the `layout_free_buffers` attribute (schedules may repack those);
@@ -83,6 +86,7 @@ def prepare(mod, num_inputs: int = 1):
     from tvm import relax
 
     mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    mod, constants = _constants_to_params(mod)
     mod["main"] = mod["main"].with_attr("num_input", num_inputs)
     seq = tvm.transform.Sequential([
         relax.transform.DecomposeOpsForInference(),   # batch norm -> scale/shift, fusable
@@ -99,7 +103,38 @@ def prepare(mod, num_inputs: int = 1):
     main_mod = _only(mod, "main")
     main_mod["main"] = main_mod["main"].with_attr("num_input", num_inputs)
     main_mod = relax.transform.AttachAttrLayoutFreeBuffers()(main_mod)
-    return main_mod, _weights_part(mod)
+    return main_mod, _weights_part(mod), constants
+
+
+def _constants_to_params(mod):
+    """Turn `main`'s tensor constants (not scalars) into trailing parameters; return the new
+    module and their values."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class ConstToParam(PyExprMutator):
+        def __init__(self, m):
+            super().__init__(m)
+            self.vars, self.values = [], []
+
+        def visit_constant_(self, op):
+            value = op.data.numpy()
+            if value.ndim == 0 or value.size <= 1:
+                return op
+            var = relax.Var(f"edgecut_const{len(self.vars)}", op.struct_info)
+            self.vars.append(var)
+            self.values.append(value)
+            return var
+
+    main = mod["main"]
+    mutator_ = ConstToParam(mod)
+    body = mutator_.visit_expr(main.body)
+    if not mutator_.vars:
+        return mod, []
+    mod["main"] = relax.Function(list(main.params) + mutator_.vars, body, main.ret_struct_info,
+                                 main.is_pure, main.attrs)
+    return mod, mutator_.values
 
 
 def split_weight_prepack(mod):

@@ -82,7 +82,7 @@ def tune(mod, params, target: Target | str, *, trials: int, num_inputs: int = 1,
                          "device reachable over tvm.rpc, or tune for 'local'")
     if trials < 1:
         raise UsageError(f"trials must be at least 1, got {trials}")
-    main_mod, _ = prepare(mod, num_inputs)
+    main_mod, _, _ = prepare(mod, num_inputs)
     tvm_target = t.tvm_target()
     if "num-cores" not in tvm_target.attrs:
         spec = dict(t.tvm, mcpu=str(tvm_target.attrs["mcpu"])) if "mcpu" in tvm_target.attrs else dict(t.tvm)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from edgecut.codegen.schedules.common import COMM_REDUCE, extent, pow2_divisor
 
+# Below this many elements a kernel runs on one thread: waking the pool costs more than it saves
+# (and on a loaded machine a descheduled worker stalls the whole kernel).
+MIN_PARALLEL_ELEMENTS = 16384
+
 
 def schedule_injective(sch, block, lanes: int) -> None:
     """Fuse the block's loops, vectorize the innermost `lanes` (when they divide the extent) and
@@ -15,13 +19,15 @@ def schedule_injective(sch, block, lanes: int) -> None:
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     total = extent(sch, fused)
     v = pow2_divisor(total, lanes)
+    parallel = total >= MIN_PARALLEL_ELEMENTS
     if v > 1 and total > v:
         outer, inner = sch.split(fused, [None, v])
-        sch.parallel(outer)
+        if parallel:
+            sch.parallel(outer)
         sch.vectorize(inner)
     elif v > 1:
         sch.vectorize(fused)
-    elif total > 1:
+    elif total > 1 and parallel:
         sch.parallel(fused)
 
 

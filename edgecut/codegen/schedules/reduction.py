@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from tvm.tirx import IndexMap
 
-from edgecut.codegen.schedules.common import COMM_REDUCE, extent, largest_divisor, pow2_divisor
+from edgecut.codegen.schedules.common import (COMM_REDUCE, extent, largest_divisor, pow2_divisor,
+                                              reduction_size)
 
 MAX_ACC_VECTORS = 24
+MIN_PARALLEL_WORK = 65536  # multiply-adds below which one thread is faster than waking the pool
 REG_CANDIDATES = (8, 7, 6, 5, 4)
 REG_FALLBACK = (16, 15, 14, 13, 12, 11, 10, 9, 3, 2)  # odd sizes (13x13, 27x27, 55x55 maps)
 VEC_CANDIDATES = (8, 6, 4, 3, 2)
@@ -87,7 +89,10 @@ def schedule_reduction(sch, block, lanes: int) -> bool:
 
     _attach_epilogue(sch, block, outer[-1], len(outer), lanes)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    if extent(sch, fused) > 1:
+    work = reduction_size(sch, block)
+    for e in ext:
+        work *= e
+    if extent(sch, fused) > 1 and work >= MIN_PARALLEL_WORK:
         sch.parallel(fused)
     for lp in inner:
         sch.unroll(lp)
