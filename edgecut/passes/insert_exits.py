@@ -73,8 +73,9 @@ def insert_exits(gm: fx.GraphModule, points: str | Sequence[str] = "auto", head:
 
     The default head is BranchyNet's: for an image tensor (N, C, H, W), a max pool down to at
     most 8x8, a 3x3 conv to min(32, C) channels, ReLU, an average pool down to at most 4x4,
-    flatten and a linear layer (fixed kernels, no adaptive pooling: TVM and ONNX take it as is); for a vector (N, F), one linear layer. The conv narrows (down to 4
-    channels) where that is needed to keep the head near a quarter of the backbone's MACs before it.
+    flatten and a linear layer (fixed kernels, no adaptive pooling: TVM and ONNX take it as is);
+    for a vector (N, F), one linear layer. The conv narrows (down to 4 channels) where that is
+    needed to keep the head near a quarter of the backbone's MACs before it.
     """
     if M.SHAPE not in next(iter(gm.graph.nodes)).meta:
         raise ExitError("insert_exits needs an analysed graph: get it from edgecut.trace(model, x) "
@@ -100,6 +101,7 @@ def insert_exits(gm: fx.GraphModule, points: str | Sequence[str] = "auto", head:
 
     gm = copy.deepcopy(gm)
     example = example_inputs(gm)
+    _drop_export_guards(gm)
     by_name = {n.name: n for n in gm.graph.nodes}
     chosen = sorted(chosen, key=list(by_name).index)
     logits = []
@@ -117,6 +119,8 @@ def insert_exits(gm: fx.GraphModule, points: str | Sequence[str] = "auto", head:
     final.meta[M.EXIT_POINT] = len(chosen)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     out.args = (tuple(logits) + (final,),)
+    if type(gm.graph._codegen) is not fx.graph.CodeGen:
+        gm.graph.set_codegen(fx.graph.CodeGen())   # torch.export's pytree output spec no longer fits
     gm.graph.lint()
     gm.recompile()
     gm = _reanalyze(gm, example)
@@ -174,9 +178,21 @@ def _reanalyze(gm: fx.GraphModule, example: tuple) -> fx.GraphModule:
         gm.train(was_training)
 
 
+def _drop_export_guards(gm: fx.GraphModule) -> None:
+    """torch.export's graphs assert the traced batch size (`_guards_fn`, a call without users);
+    exits are trained on batches, so the assertion goes (shapes are re-checked by `analyze`)."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and n.target == "_guards_fn" and not n.users:
+            gm.graph.erase_node(n)
+    if hasattr(gm, "_guards_fn"):
+        gm.delete_submodule("_guards_fn")
+
+
 def _final_node(gm: fx.GraphModule) -> fx.Node:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     value = out.args[0]
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]    # torch.export's graphs return a 1-tuple
     if not isinstance(value, fx.Node):
         raise ExitError(f"the model returns {type(value).__name__} of values; exits need a model that returns "
                         "one logits tensor")

@@ -170,3 +170,29 @@ def test_lowered_exit_compiles_with_tvm_and_onnx(tmp_path):
     torch.onnx.export(low, (x,), path, dynamo=False)
     sess = ort.InferenceSession(path)
     assert np.abs(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0] - want).max() < 1e-5
+
+
+class _ShapeBranch(nn.Module):
+    """torch.fx cannot trace the branch on a shape: edgecut.trace falls back to torch.export."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(512, 10)
+
+    def forward(self, x):
+        if x.shape[1] == 3:
+            x = torch.relu(self.c1(x))
+        return self.fc(nn.functional.max_pool2d(torch.relu(self.c2(x)), 2).flatten(1))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_export_graph_gets_exits_and_trains_on_batches():
+    model = _ShapeBranch().eval()
+    gm = edgecut.trace(model, torch.randn(1, 3, 16, 16))
+    assert gm.meta[M.TRACER] == "export"
+    t = verify(insert_exits(gm, ["relu_1"]))
+    x = torch.randn(4, 3, 16, 16)          # a batch of 4 through a graph traced with a batch of 1
+    with torch.no_grad():
+        z = t.eval()(x)
+        assert len(z) == 2 and torch.allclose(z[-1], model(x), atol=1e-6)
+        assert torch.equal(verify(lower_exit(t, 0))(x), z[0])
