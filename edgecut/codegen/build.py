@@ -88,22 +88,25 @@ def prepare(mod, num_inputs: int = 1):
     mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     mod, constants = _constants_to_params(mod)
     mod["main"] = mod["main"].with_attr("num_input", num_inputs)
-    seq = tvm.transform.Sequential([
+    mod = tvm.transform.Sequential([
         relax.transform.DecomposeOpsForInference(),   # batch norm -> scale/shift, fusable
         relax.transform.CanonicalizeBindings(),
         relax.transform.ConvertLayout(DESIRED_LAYOUTS),  # NCHW/OIHW -> NHWC/HWIO
+        relax.transform.LiftTransformParams(),        # weight-only work -> main_transform_params
+    ])(mod)
+    main_mod = tvm.transform.Sequential([
         relax.transform.LegalizeOps(),                # every op -> a TIR PrimFunc
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FuseOps(),                    # conv/dense + bias, BN, ReLU, residual add
         relax.transform.FuseTIR(),
-        relax.transform.LiftTransformParams(),        # weight-only work -> main_transform_params
         relax.transform.DeadCodeElimination(),
-    ])
-    mod = seq(mod)
-    main_mod = _only(mod, "main")
+    ])(_only(mod, "main"))
     main_mod["main"] = main_mod["main"].with_attr("num_input", num_inputs)
     main_mod = relax.transform.AttachAttrLayoutFreeBuffers()(main_mod)
-    return main_mod, _weights_part(mod), constants
+    weights = _weights_part(mod)
+    if weights is not None:
+        weights = relax.transform.LegalizeOps()(weights)
+    return main_mod, weights, constants
 
 
 def _constants_to_params(mod):
