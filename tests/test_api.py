@@ -114,3 +114,23 @@ def test_compile_with_exits_on_data_and_recompile_without_training(tmp_path):
         want = art.gm(x)
     sim = again.simulate(x, bandwidth=1e9, early_exit=False)
     assert np.allclose(sim.output, want[sim.exit_id].numpy(), atol=1e-4 * float(want[sim.exit_id].abs().max()))
+
+
+def test_cli_compile_then_explain(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "art"
+    r = subprocess.run([sys.executable, "-m", "edgecut", "compile", "edgecut.zoo:tiny_dag", "--target", "local",
+                        "--edge", "local", "--deadline", "20ms", "--bandwidth", "1.5Mbps", "--rtt", "5ms",
+                        "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "bandwidth from" in r.stdout and (out / "manifest.json").exists()
+    png = tmp_path / "p.png"
+    r = subprocess.run([sys.executable, "-m", "edgecut", "explain", str(out), "-o", str(png), "--bandwidth",
+                        "500kbit"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    r = subprocess.run([sys.executable, "-m", "edgecut", "compile", "edgecut.zoo:tiny_dag", "--target", "pi9",
+                        "-o", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "known targets" in r.stderr and "Traceback" not in r.stderr
