@@ -87,6 +87,7 @@ def prepare(mod, num_inputs: int = 1):
 
     mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     mod, constants = _constants_to_params(mod)
+    mod["main"] = _clip_as_min_max(mod)
     mod["main"] = mod["main"].with_attr("num_input", num_inputs)
     mod = tvm.transform.Sequential([
         relax.transform.DecomposeOpsForInference(),   # batch norm -> scale/shift, fusable
@@ -138,6 +139,29 @@ def _constants_to_params(mod):
     mod["main"] = relax.Function(list(main.params) + mutator_.vars, body, main.ret_struct_info,
                                  main.is_pure, main.attrs)
     return mod, mutator_.values
+
+
+def _clip_as_min_max(mod):
+    """clip (ReLU6 imports as clip(x, 0, 6)) -> minimum(maximum(x, lo), hi): binary element-wise
+    ops have layout inference, so ConvertLayout keeps them in NHWC (instead of transposing around
+    each ReLU6) and FuseOps folds them into the convolution's epilogue."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    clip = tvm.ir.Op.get("relax.clip")
+
+    @mutator
+    class ClipToMinMax(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(clip)):
+                return call
+            x, dtype = call.args[0], call.args[0].ty.dtype
+            lo, hi = (relax.const(float(a.value), dtype) for a in call.args[1:3])
+            return relax.op.minimum(self.builder_.normalize(relax.op.maximum(x, lo)), hi)
+
+    return ClipToMinMax(mod).visit_expr(mod["main"])
 
 
 def split_weight_prepack(mod):

@@ -142,7 +142,7 @@ def test_unscheduled_default_still_available():
     ([1, 7, 7, 512], 16, (3, 16, 2, 2, 7)),      # 7 pixels x 2 vectors (3 does not divide 32)
     ([1, 13, 13, 256], 16, (3, 16, 1, 2, 13)),   # prime width: one 13-pixel row
     ([1, 4096], 16, (1, 16, 8, -1, 1)),          # dense, batch 1: 8 vectors of outputs
-    ([1, 1000], 16, (1, 8, 1, -1, 1)),           # 1000 = 8 x 125: AVX2-width vectors
+    ([1, 1000], 16, (1, 8, 5, -1, 1)),           # 1000 = 8 x 125: 5 AVX2-width vectors
     ([1, 56, 56, 64], 4, (3, 4, 2, 2, 8)),       # NEON: 4 lanes, 16 accumulators
     ([1, 1, 1, 1], 16, (-1, 1, 1, -1, 1)),       # nothing to vectorize
 ])

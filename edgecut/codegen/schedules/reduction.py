@@ -26,7 +26,7 @@ MAX_ACC_VECTORS = 24
 MIN_PARALLEL_WORK = 65536  # multiply-adds below which one thread is faster than waking the pool
 REG_CANDIDATES = (8, 7, 6, 5, 4)
 REG_FALLBACK = (16, 15, 14, 13, 12, 11, 10, 9, 3, 2)  # odd sizes (13x13, 27x27, 55x55 maps)
-VEC_CANDIDATES = (8, 6, 4, 3, 2)
+VEC_CANDIDATES = (8, 7, 6, 5, 4, 3, 2)
 
 
 def plan_tiles(spatial_extents: list[int], lanes: int) -> tuple[int, int, int, int, int]:
