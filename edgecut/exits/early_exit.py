@@ -57,8 +57,10 @@ class EarlyExitReport:
         rows = ["exit  threshold  leaves here  accuracy alone"]
         for i, (t, f, a) in enumerate(zip(self.thresholds, self.fractions, self.exit_accuracy)):
             rows.append(f"{i:>4}  {t:>9.4f}  {100 * f:>10.1f}%  {100 * a:>13.2f}%")
-        rows.append(f"early exit accuracy {100 * self.accuracy:.2f}% (final exit alone {100 * self.final_accuracy:.2f}%), "
-                    f"MACs {self.macs / 1e6:.2f}M of {self.full_macs / 1e6:.2f}M ({100 * self.macs / self.full_macs:.0f}%)")
+        share = 100 * self.macs / self.full_macs
+        rows.append(f"early exit accuracy {100 * self.accuracy:.2f}% (final exit alone "
+                    f"{100 * self.final_accuracy:.2f}%), MACs {self.macs / 1e6:.2f}M of "
+                    f"{self.full_macs / 1e6:.2f}M ({share:.0f}%)")
         return "\n".join(rows)
 
 
