@@ -90,7 +90,11 @@ def _fx_trace(model: nn.Module, leaf_modules) -> fx.GraphModule:
 def _export_trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     ep = torch.export.export(model, tuple(example_inputs), strict=False)
     gm = ep.module()
-    # Drop the pytree wrapper's input checks so the module is a plain fx GraphModule again.
+    # Drop the pytree wrapper's input checks (the `_guards_fn` call pins shapes and is dead code to
+    # fx) so the module is a plain fx GraphModule again, valid under `edgecut.passes.verify`.
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and n.target == "_guards_fn" and not n.users:
+            gm.graph.erase_node(n)
     gm = fx.GraphModule(gm, gm.graph, type(model).__name__)
     gm.meta[_GRAPH_ATTR] = "export"
     return gm

@@ -60,6 +60,7 @@ def test_export_fallback_for_shape_dependent_python():
     gm = edgecut.trace(m, x)
     assert gm.meta["_edgecut_tracer"] == "export"
     assert torch.equal(gm(x), m(x))
+    verify(gm)
     kinds = [n.meta[meta.KIND] for n in gm.graph.nodes]
     assert "conv" in kinds and "relu" in kinds
     conv = next(n for n in gm.graph.nodes if n.meta[meta.KIND] == "conv")
