@@ -73,11 +73,11 @@ class FixedPlan:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=40)
-    ap.add_argument("--slowdown", type=float, default=20.0)
+    ap.add_argument("--slowdown", type=float, default=100.0)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--rtt", type=float, default=0.02)
-    ap.add_argument("--bandwidths", default="0.25,1,4,16", help="Mbit/s, comma-separated")
-    ap.add_argument("--deadlines", default="50,100,200", help="ms, comma-separated")
+    ap.add_argument("--bandwidths", default="0.5,2,8,32", help="Mbit/s, comma-separated")
+    ap.add_argument("--deadlines", default="30,60,100", help="ms, comma-separated")
     ap.add_argument("--out", default="bench-out/edgent")
     a = ap.parse_args()
     bws = [float(b) * 1e6 for b in a.bandwidths.split(",")]

@@ -3,7 +3,8 @@
 Trains the exits of Edgent's AlexNet on scikit-learn's digits, compiles it for two deadlines with
 the shipped `local` profile, starts an edge server and a link emulator on loopback, and runs
 co-inferences at three bandwidths through the real runtime. The device is this CPU slowed down
-`slowdown` times (a Raspberry-Pi-class device; `edgecut.runtime.emulate`), and is planned with the
+`slowdown` times (default 100x: the Pi 3B / edge PC ratio of Edgent's conv regressions;
+`edgecut.runtime.emulate`), and is planned with the
 local profile scaled by the same factor, so predictions and measurements describe the same device.
 """
 from __future__ import annotations
@@ -51,8 +52,8 @@ def predicted_latency(plan, bandwidth: float, rtt: float, overhead: float) -> fl
     return plan.device_s + plan.edge_s + link.transfer_seconds(plan.cut.crossing_bytes)
 
 
-def run_demo(out: str | Path = "demo-out", *, bandwidths=(0.5e6, 2e6, 10e6), deadlines=(0.06, 0.2),
-             requests: int = 200, slowdown: float = 20.0, rtt: float = 0.02, epochs: int = 15,
+def run_demo(out: str | Path = "demo-out", *, bandwidths=(0.5e6, 2e6, 10e6), deadlines=(0.03, 0.1),
+             requests: int = 200, slowdown: float = 100.0, rtt: float = 0.02, epochs: int = 15,
              profile=None, seed: int = 0, progress: bool = True, log=print) -> list[Row]:
     import numpy as np
     import torch

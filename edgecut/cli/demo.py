@@ -9,10 +9,10 @@ def register(sub) -> None:
                                    "bandwidths through the real runtime, print the table and write plan.png.")
     p.add_argument("-o", "--output", default="demo-out", help="directory for the artifacts and plan.png (default demo-out)")
     p.add_argument("--bandwidths", default="0.5mbit,2mbit,10mbit", help="comma-separated (default 0.5mbit,2mbit,10mbit)")
-    p.add_argument("--deadlines", default="60ms,200ms", help="comma-separated (default 60ms,200ms)")
+    p.add_argument("--deadlines", default="30ms,100ms", help="comma-separated (default 30ms,100ms)")
     p.add_argument("--requests", type=int, default=200, help="co-inferences per bandwidth and deadline (default 200)")
-    p.add_argument("--slowdown", type=float, default=20.0,
-                   help="emulate a device this many times slower than this CPU (default 20, Pi class)")
+    p.add_argument("--slowdown", type=float, default=100.0,
+                   help="emulate a device this many times slower than this CPU (default 100: the Pi 3B vs edge PC ratio of Edgent's conv regressions)")
     p.add_argument("--rtt", default="20ms", help="round trip of the emulated link (default 20ms)")
     p.add_argument("--epochs", type=int, default=15, help="exit training epochs (default 15)")
     p.add_argument("--profile", help="cost profile of this machine (default: the shipped local profile); "
