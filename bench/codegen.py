@@ -71,21 +71,18 @@ def ort_runner(model, x):
 
 def has_records(model_mod, target="local") -> bool:
     """True when a tuning database for `target` holds a record for one of the model's kernels."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgecut import targets
     from edgecut.codegen import tune
     from edgecut.codegen.build import prepare
 
-    dbs = [tune.open_database(d) for d in tune.database_dirs(target)]
+    dbs = [db for db in (tune.open_database(d) for d in tune.database_dirs(target)) if db is not None]
     if not dbs:
         return False
-    main = prepare(model_mod)[0]
-    import tvm
-
-    for gv, f in main.functions_items():
-        if isinstance(f, tvm.tirx.PrimFunc):
-            for db in dbs:
-                if db is not None and db.has_workload(tvm.IRModule({"main": f})):
-                    return True
-    return False
+    tasks = ms.relax_integration.extract_tasks(prepare(model_mod)[0], targets.get(target).tvm_target())
+    return any(db.has_workload(tk.dispatched[0]) for tk in tasks for db in dbs)
 
 
 def profile(vm, ps, x, top=12):
