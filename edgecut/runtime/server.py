@@ -1,9 +1,13 @@
 """The edge server: runs the edge part of an artifact for many devices at once.
 
-One thread per connection reads frames (blocking sockets, `recv_into`, no copies); requests run on
-a fixed pool of `workers` threads behind a bounded queue (a request that finds `workers +
-max_queue` already pending gets a `busy` error at once). Each request has a timeout: the server's
-`request_timeout`, shortened to the device's `deadline_s`. A bad frame gets an error reply and a
+One thread per connection reads frames (blocking sockets, `recv_into`, no copies). At most
+`workers` requests compute at once: a request that finds a free slot and nobody queued runs on its
+connection thread (no handoff between threads: that cost more than the framing); otherwise it
+waits, first come first served, for a pool of `workers` threads behind a bounded queue (a request
+that finds `workers + max_queue` already pending gets a `busy` error at once). Each request has a
+timeout: the server's `request_timeout`, shortened to the device's `deadline_s`. A queued request
+gets the `timeout` error when it expires (its run, if it started, is abandoned); one running on
+its connection thread cannot be abandoned, so it answers `timeout` when it finishes late. A bad frame gets an error reply and a
 clean close of that connection only; the server keeps serving everyone else. One log line per
 connection, when it closes. `shutdown()` (SIGTERM under `serve_forever`) stops accepting, lets the
 requests already received finish and answer, then closes.
@@ -69,7 +73,10 @@ class EdgeServer:
         self.idle_timeout, self.frame_timeout, self.max_connections = idle_timeout, frame_timeout, max_connections
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="edgecut-edge")
         self._lock = threading.Lock()
-        self._pending = 0
+        self._slot_free = threading.Condition(self._lock)
+        self._pending = 0       # requests admitted and not finished (busy beyond workers + max_queue)
+        self._running = 0       # requests computing now, on a connection thread or the pool: <= workers
+        self._waiting = 0       # requests queued for the pool, not yet computing
         self._conns: dict[threading.Thread, socket.socket] = {}
         self._stopping = threading.Event()
         self._stop_request = threading.Event()
@@ -285,24 +292,65 @@ class EdgeServer:
             if self._pending >= self.workers + self.max_queue:
                 return P.error(P.BUSY, f"edge queue is full ({self.max_queue} waiting); retry or run locally", rid)
             self._pending += 1
-        fut = self._pool.submit(self._run, plan_id, tensors, received, expiry)
+            inline = self._running < self.workers and self._waiting == 0
+            if inline:
+                self._running += 1
+            else:
+                self._waiting += 1
+        if inline:          # a free slot and nobody ahead: compute here, no thread handoff
+            try:
+                out, queue_s, edge_s = self._run(plan_id, tensors, received, expiry)
+                if time.monotonic() > expiry:
+                    raise _Expired()
+            except Exception as e:
+                return self._failed(e, rid, plan_id, timeout)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+                    self._release_slot()
+            return P.result(rid, out, edge_s, queue_s)
+        fut = self._pool.submit(self._queued, plan_id, tensors, received, expiry)
         fut.add_done_callback(self._done)
         try:
             out, queue_s, edge_s = fut.result(timeout=max(0.0, expiry - time.monotonic()))
-        except (FutureTimeout, _Expired):
+        except FutureTimeout:
             if not fut.cancel():
                 ch.release_buffer()     # the abandoned run may still read this frame's tensors
             return P.error(P.TIMEOUT, f"edge did not finish within {timeout:.3f}s", rid)
-        except ArtifactError as e:
-            return P.error(P.BAD_TENSOR, str(e), rid)
         except Exception as e:
-            log.exception("request %s (plan %s) failed", rid, plan_id)
-            return P.error(P.INTERNAL, f"{type(e).__name__}: {e}", rid)
+            return self._failed(e, rid, plan_id, timeout)
         return P.result(rid, out, edge_s, queue_s)
 
-    def _done(self, _fut) -> None:
+    def _failed(self, e: Exception, rid, plan_id: str, timeout: float) -> dict:
+        if isinstance(e, _Expired):
+            return P.error(P.TIMEOUT, f"edge did not finish within {timeout:.3f}s", rid)
+        if isinstance(e, ArtifactError):
+            return P.error(P.BAD_TENSOR, str(e), rid)
+        log.error("request %s (plan %s) failed", rid, plan_id, exc_info=e)
+        return P.error(P.INTERNAL, f"{type(e).__name__}: {e}", rid)
+
+    def _release_slot(self) -> None:       # with self._lock held
+        self._running -= 1
+        self._slot_free.notify()
+
+    def _done(self, fut) -> None:
         with self._lock:
             self._pending -= 1
+            if fut.cancelled():            # never reached _queued
+                self._waiting -= 1
+
+    def _queued(self, plan_id: str, tensors: dict, received: float, expiry: float):
+        """A pool worker: wait for a compute slot (connection threads may hold them), then run."""
+        with self._slot_free:
+            while self._running >= self.workers:
+                self._slot_free.wait()
+            self._running += 1
+            self._waiting -= 1
+        try:
+            return self._run(plan_id, tensors, received, expiry)
+        finally:
+            with self._lock:
+                self._release_slot()
 
     def _run(self, plan_id: str, tensors: dict, received: float, expiry: float):
         started = time.monotonic()
