@@ -125,11 +125,13 @@ def _constants_to_params(mod):
             super().__init__(m)
             self.vars, self.values = [], []
 
-        def visit_constant_(self, op):
-            value = op.data.numpy()
+        def visit_generic_const_(self, op):  # a relax constant (GenericConst in TVM 0.27)
+            value = op.value.numpy() if hasattr(op.value, "numpy") else None
+            if value is None:
+                return op
             if value.ndim == 0 or value.size <= 1:
                 return op
-            var = relax.Var(f"edgecut_const{len(self.vars)}", op.struct_info)
+            var = relax.Var(f"edgecut_const{len(self.vars)}", op.ty)
             self.vars.append(var)
             self.values.append(value)
             return var
@@ -139,7 +141,7 @@ def _constants_to_params(mod):
     body = mutator_.visit_expr(main.body)
     if not mutator_.vars:
         return mod, []
-    mod["main"] = relax.Function(list(main.params) + mutator_.vars, body, main.ret_struct_info,
+    mod["main"] = relax.Function(list(main.params) + mutator_.vars, body, main.ret_ty,
                                  main.is_pure, main.attrs)
     return mod, mutator_.values
 
