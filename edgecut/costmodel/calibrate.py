@@ -96,10 +96,13 @@ def profile_target(target="local", quick: bool = False, name: str | None = None,
         raise ProfileError(f"target {t.name!r} ({t.arch}) does not run on this {platform.machine()} machine; "
                            f"run `edgecut profile --target {t.name}` on the device itself")
     os.environ.setdefault("TVM_NUM_THREADS", "2")
+    from edgecut.costmodel import heldout, kernels
+
     cases, pairs, chains = mb.grid(quick, seed), mb.fused_grid(quick), mb.chain_grid(quick)
+    models = kernels.QUICK_MODELS if quick else kernels.MODELS
     loading_sizes = SIZES[:2] if quick else SIZES
-    total = len(cases) + 2 * len(pairs) + len(chains) + len(loading_sizes) + 1
-    samples, fused = [], []
+    total = len(cases) + 2 * len(pairs) + len(models) + len(chains) + len(loading_sizes) + 2
+    samples, fused, timed_models = [], [], []
     with tqdm(total=total, desc=f"profiling {t.name}", unit="layer", disable=not progress) as bar:
         for case in cases:
             bar.set_postfix_str(case.label, refresh=False)
@@ -110,22 +113,42 @@ def profile_target(target="local", quick: bool = False, name: str | None = None,
             out = mb.layer_nodes(alone.module, alone.shapes)[0]
             fused.append((t_conv, t_group, int(np.prod(out.meta[M.SHAPE])), 2))
             bar.update(2)
-        prof = fit_profile(samples, name or t.name, t.name, fused_epilogue(fused))
+        fused_s = fused_epilogue(fused)
+        for model, side in models:
+            bar.set_postfix_str(f"{model}@{side} kernels", refresh=False)
+            got, whole, _ = kernels.model_samples(model, side, t, fused_s)
+            samples += got
+            timed_models.append({"name": model, "side": side, "seconds": whole})
+            bar.update()
+        bar.set_postfix_str("segment calls", refresh=False)
+        segment = kernels.measure_segment_overhead(t)
+        bar.update()
+        prof = dataclasses.replace(fit_profile(samples, name or t.name, t.name, fused_s), segment=segment,
+                                   samples=[heldout.sample_to_dict(s) for s in samples], models=timed_models)
         errors = []
         for case in chains:
             bar.set_postfix_str(case.label, refresh=False)
             gm = annotate_cost(edgecut.trace(case.module.eval(), *(torch.randn(*s) for s in case.shapes)), prof, prof)
-            predicted = sum(n.meta[M.DEVICE_S] for n in gm.graph.nodes)
+            predicted = sum(n.meta[M.DEVICE_S] for n in gm.graph.nodes) + prof.segment_seconds(
+                int(np.prod(case.shapes[0])), 10)
             measured = mb.time_built(mb.compile_module(case.module, case.shapes, t), case.shapes)
             errors.append(abs(predicted - measured) / measured)
             bar.update()
         loading = measure_loading(t, loading_sizes, on_step=bar.update)
         net = measure_message_overhead()
         bar.update()
+    lomo = heldout.leave_one_model_out(prof)
+    model_errors = [r["error"] for r in lomo["models"]]
+    held = {"models": lomo["models"], "kernel_mdape": lomo["kernel_mdape"], "chain_errors": errors,
+            "grid_cv_mdape": prof.layer_mdape}
+    layer_mdape = lomo["kernel_mdape"] if lomo["kernel_errors"] else prof.layer_mdape
     return dataclasses.replace(
-        prof, loading=loading, message_overhead_s=net["overhead_s"],
-        error_p95=float(np.quantile(errors, 0.95)), machine=machine_description(t),
+        prof, loading=loading, message_overhead_s=net["overhead_s"], layer_mdape=float(layer_mdape),
+        error_p95=float(np.quantile(errors + model_errors, 0.95)), held_out=held, machine=machine_description(t),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         edgecut_version=edgecut.__version__, source="measured",
-        notes=(f"{'quick' if quick else 'default'} grid: {len(samples)} layers; error_p95 over {len(errors)} "
-               f"held-out programs (median {np.median(errors):.1%}); message overhead over loopback TCP"))
+        notes=(f"{'quick' if quick else 'default'} grid: {len(cases)} layers + {len(samples) - len(cases)} kernels "
+               f"of {len(models)} zoo models; error_p95 over {len(errors)} held-out programs and "
+               f"{len(model_errors)} zoo models predicted without their own kernels (median "
+               f"{np.median(errors + model_errors):.1%}); layer_mdape: those models' kernels, held out; "
+               "message overhead over loopback TCP"))

@@ -22,7 +22,10 @@ from edgecut.frontend import meta as M
 
 WORK = ("macs", "in_elems", "out_elems", "params")
 # WORK plus the layer's geometry: kernels and channel counts decide how well a schedule vectorizes.
-SHAPE = WORK + ("cin", "cout", "kernel", "stride", "hw")
+# `cin_align`/`cout_align`: the largest power of two (up to 64) dividing the channel counts: the
+# schedules split channels into SIMD lanes and register blocks by divisors, so 96 and 100 channels
+# run at very different efficiency. `groups_ratio`: input channels per group (1 for depthwise).
+SHAPE = WORK + ("cin", "cout", "kernel", "stride", "hw", "cin_align", "cout_align", "cin_per_group")
 
 # Elementwise kinds that TVM fuses into their producer's kernel.
 ELEMENTWISE = frozenset({M.RELU, M.ACTIVATION, M.BN, M.ADD, M.MUL, M.DROPOUT, M.RESHAPE})
@@ -41,6 +44,11 @@ def _elems(shape) -> int:
     return math.prod(shape)
 
 
+def _align(c, cap: int = 64) -> int:
+    c = int(c)
+    return cap if c <= 0 else min(cap, c & -c)
+
+
 def work_features(node) -> dict:
     """The `SHAPE` features of an annotated fx node: MACs, input/output/parameter elements, and
     input/output channels, kernel area, stride and output spatial size (1 where meaningless)."""
@@ -50,7 +58,9 @@ def work_features(node) -> dict:
     shape = shape if shape and isinstance(shape[0], int) else ()
     cin = a.get("in_channels", a.get("in_features", shape[1] if len(shape) > 1 else 1))
     cout = a.get("out_channels", a.get("out_features", shape[1] if len(shape) > 1 else 1))
-    return {"macs": float(m.get(M.MACS, 0)), "in_elems": float(m.get(M.IN_ELEMS, 0)),
+    groups = a.get("groups", 1) or 1
+    return {"cin_align": float(_align(cin)), "cout_align": float(_align(cout)),
+            "cin_per_group": float(max(1, int(cin) // int(groups))),"macs": float(m.get(M.MACS, 0)), "in_elems": float(m.get(M.IN_ELEMS, 0)),
             "out_elems": float(_elems(m.get(M.SHAPE))), "params": float(m.get(M.PARAMS, 0)),
             "cin": float(cin), "cout": float(cout), "kernel": float(math.prod(a.get("kernel", (1,)))),
             "stride": float(math.prod(a.get("stride", (1,)))), "hw": float(math.prod(shape[2:]) if shape else 1)}

@@ -27,12 +27,14 @@ class Case:
 
 @dataclass(frozen=True)
 class Sample:
-    """A measured layer: its kind, Edgent features, work features and median seconds."""
+    """A measured layer: its kind, Edgent features, work features, median seconds, and where it
+    was measured (`source`: "grid" for the layer grid, else the zoo model whose kernel it is)."""
     label: str
     kind: str
     edgent: tuple
     work: dict = field(hash=False)
     seconds: float
+    source: str = "grid"
 
 
 class _Add(nn.Module):
@@ -58,16 +60,18 @@ def _rooted(module: nn.Module) -> nn.Module:
     return module
 
 
-def compile_module(module: nn.Module, shapes, target):
+def compile_module(module: nn.Module, shapes, target, tuning_dir=False):
     """Import `module` (torch.fx, weights as inputs) the way codegen imports a segment, and
-    `build` it for `target`: the deployed pipeline."""
+    `build` it for `target`: the deployed pipeline. By default with the rule schedules only
+    (`tuning_dir=False`): a profile describes the untuned build, which a tuned one never loses
+    to, and opening a large tuning database costs seconds per layer."""
     from edgecut.codegen.build import build
     from edgecut.codegen.importer import import_segment
 
     gm = torch.fx.symbolic_trace(_rooted(module).eval())
     with torch.no_grad():
         mod, params = import_segment(gm, [(tuple(s), "float32") for s in shapes])
-    return build(mod, params, target, num_inputs=len(shapes))
+    return build(mod, params, target, num_inputs=len(shapes), tuning_dir=tuning_dir)
 
 
 def time_callable(f, args, warmup: int = 1, repeats: int = 5, min_total_s: float = 0.05,
@@ -125,14 +129,19 @@ def layout_seconds(shapes, target) -> float:
 
 def measure(case: Case, target) -> list[Sample]:
     """Time `case` and return one Sample per compute node (a single-layer case gives one).
-    A lone convolution's time excludes its boundary layout transforms (`layout_seconds`)."""
+    A lone convolution is timed as its kernel alone (`kernels.kernel_seconds`), without the
+    boundary layout transforms `build` adds around it (a whole model pays those once)."""
     from edgecut.costmodel.features import edgent_features, work_features
 
+    from edgecut.costmodel.kernels import kernel_seconds
+
     nodes = layer_nodes(case.module, case.shapes)
-    seconds = time_built(compile_module(case.module, case.shapes, target), case.shapes)
+    built = compile_module(case.module, case.shapes, target)
+    seconds = None
     if len(nodes) == 1 and nodes[0].meta[M.KIND] in (M.CONV, M.DWCONV):
-        layout = layout_seconds([case.shapes[0], nodes[0].meta[M.SHAPE]], target)
-        seconds = max(seconds - layout, 0.1 * seconds)
+        seconds = kernel_seconds(built, case.shapes, "conv2d")
+    if seconds is None:
+        seconds = time_built(built, case.shapes)
     return [Sample(case.label, n.meta[M.KIND], edgent_features(n), work_features(n), seconds) for n in nodes]
 
 
@@ -157,6 +166,30 @@ def _conv(rng, max_macs, depthwise=False):
             return Case(f"{'dw' if depthwise else ''}conv{cin}-{cout}k{k}s{s}@{hw}", conv, ((1, cin, hw, hw),))
 
 
+def _chan(rng, lo=8, hi=1280) -> int:
+    """A channel count drawn log-uniformly in [lo, hi]; mostly multiples of 8 (as in image
+    models), sometimes not, so the fits see how vector-width divisibility matters."""
+    c = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    return max(1, int(round(c / 8) * 8) if rng.random() < 0.8 else int(round(c)))
+
+
+def _thin(rng, max_macs, depthwise: bool) -> Case:
+    """A depthwise 3x3/5x5 or a pointwise 1x1 conv of the widths and maps inverted-residual
+    networks use (channels up to 1280, maps 7 to 112): the kernels whose efficiency varies most."""
+    while True:
+        hw = int(rng.choice((7, 10, 14, 20, 28, 40, 56, 80, 112)))
+        cin = _chan(rng, 16, 1280)
+        if depthwise:
+            k, s, cout = int(rng.choice((3, 3, 3, 5))), int(rng.choice((1, 1, 2))), cin
+        else:
+            k, s, cout = 1, 1, _chan(rng, 16, 1280)
+        ho = (hw + 2 * (k // 2) - k) // s + 1
+        macs = ho * ho * cout * (1 if depthwise else cin) * k * k
+        if macs <= max_macs and cin * hw * hw <= 3_000_000:
+            conv = nn.Conv2d(cin, cout, k, s, k // 2, groups=cin if depthwise else 1, bias=False)
+            return Case(f"{'dw' if depthwise else 'pw'}conv{cin}-{cout}k{k}s{s}@{hw}", conv, ((1, cin, hw, hw),))
+
+
 def _map(rng, max_elems=2_000_000):
     while True:
         c, hw = int(rng.choice(_CH[1:])), int(rng.choice(_HW))
@@ -165,11 +198,13 @@ def _map(rng, max_elems=2_000_000):
 
 
 def grid(quick: bool = False, seed: int = 0, max_macs: float = 4e8) -> list[Case]:
-    """The layers to time. Default: ~240 cases; quick: ~70."""
+    """The layers to time. Default: ~280 cases; quick: ~75."""
     rng = np.random.default_rng(seed)
     n = (lambda d, q: q if quick else d)
-    cases = [_conv(rng, max_macs) for _ in range(n(110, 24))]
-    cases += [_conv(rng, max_macs / 4, depthwise=True) for _ in range(n(30, 8))]
+    cases = [_conv(rng, max_macs) for _ in range(n(100, 20))]
+    cases += [_conv(rng, max_macs / 4, depthwise=True) for _ in range(n(20, 5))]
+    cases += [_thin(rng, max_macs / 4, depthwise=True) for _ in range(n(30, 6))]
+    cases += [_thin(rng, max_macs, depthwise=False) for _ in range(n(30, 6))]
     for _ in range(n(26, 7)):
         fi, fo = int(rng.choice((128, 256, 512, 1024, 1280, 2048, 4096, 9216))), int(
             rng.choice((10, 100, 256, 512, 1000, 1024, 2048, 4096)))

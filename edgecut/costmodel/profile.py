@@ -5,7 +5,12 @@ A profile holds, per layer kind, the candidate regressors and the one cross-vali
 a MACs-based fallback for kinds it has no regressor for, the model-loading line, the runtime's
 measured per-message overhead, and how wrong it is: `error_p95`, the 95th percentile of the
 relative error of predicted against measured latency of compiled programs held out of fitting
-(the solver's safety margin), and `layer_mdape`, the per-layer median error in cross-validation.
+(the solver's safety margin), and `layer_mdape`, the per-layer median error.
+
+A measured profile also keeps its training `samples` (each tagged with its `source`: the layer
+grid or the zoo model whose kernel it is) and the whole `models` timed while profiling, so it can
+be refitted without a model's own kernels (`calibrate.refit`) to predict that model honestly;
+`held_out` records those leave-one-model-out errors.
 """
 from __future__ import annotations
 
@@ -43,6 +48,11 @@ class Profile:
     edgecut_version: str = ""
     notes: str = ""
     scale: float = 1.0                    # every layer prediction is multiplied by this (see `scaled`)
+    segment: dict = field(default_factory=lambda: {"intercept": 0.0, "s_per_elem": 0.0},
+                          hash=False)     # cost of one compiled segment call (see `segment_seconds`)
+    samples: list = field(default_factory=list, hash=False, repr=False)  # the measured training data
+    models: list = field(default_factory=list, hash=False)  # whole zoo models timed while profiling
+    held_out: dict = field(default_factory=dict, hash=False)  # leave-one-model-out errors
     _models: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self):
@@ -87,6 +97,14 @@ class Profile:
         if not factor > 0:
             raise ValueError(f"scale factor must be > 0, got {factor}")
         return replace(self, name=f"{self.name}x{factor:g}", scale=self.scale * factor)
+
+    def segment_seconds(self, in_elems: int = 0, out_elems: int = 0) -> float:
+        """Seconds one compiled segment call costs beyond its layers: the VM call from Python,
+        numpy <-> TVM tensor copies and the NCHW <-> NHWC transforms at its boundary, for
+        `in_elems` input and `out_elems` output elements. A plan run as k segments pays it k times
+        (`edgecut.codegen.load.Part.run` calls each segment separately)."""
+        s = self.segment
+        return self.scale * max(0.0, s["intercept"] + s["s_per_elem"] * (in_elems + out_elems))
 
     def loading_seconds(self, model_bytes: int) -> float:
         """Edgent's model-loading regression: seconds to load a library of `model_bytes`."""
