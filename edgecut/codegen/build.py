@@ -276,17 +276,29 @@ def apply_schedules(mod, tvm_target, databases: list):
 
 
 def _databases(t: Target, tuning_dir) -> list:
+    """The tuning records for `t` merged into one in-memory database, so that each kernel gets
+    the fastest record of any folder (MetaSchedule's or the measured rule schedules)."""
     if tuning_dir is False:
         return []
+    from tvm.s_tir import meta_schedule as ms
+
     from edgecut.codegen import tune
 
-    dirs = [Path(tuning_dir)] if tuning_dir not in (None, True) else tune.database_dirs(t)
-    out = []
+    if tuning_dir not in (None, True):
+        dirs = [Path(tuning_dir), Path(tuning_dir) / tune.RULES]
+    else:
+        dirs = tune.database_dirs(t)
+    merged, n = ms.database.MemoryDatabase(), 0
     for d in dirs:
         db = tune.open_database(d)
-        if db is not None:
-            out.append(db)
-    return out
+        if db is None:
+            continue
+        for rec in db.get_all_tuning_records():
+            if rec.run_secs and float(rec.run_secs[0]) < 1e9:  # 1e10 marks a failed candidate
+                merged.commit_workload(rec.workload.mod)
+                merged.commit_tuning_record(rec)
+                n += 1
+    return [merged] if n else []
 
 
 def _to_numpy(p) -> np.ndarray:

@@ -24,6 +24,7 @@ from edgecut.targets import Target
 log = logging.getLogger(__name__)
 
 SHIPPED = Path(__file__).with_name("tuned")
+RULES = "rules"  # sub-folder holding the measured rule schedules (see record_rule_schedules)
 
 
 def _key(t: Target) -> str:
@@ -43,9 +44,11 @@ def database_dir(target: Target | str) -> Path:
 
 
 def database_dirs(target: Target | str) -> list[Path]:
-    """Database folders `build` reads for `target`, the user's first, then edgecut's shipped one."""
+    """Database folders `build` reads for `target`: the user's (MetaSchedule's records, then the
+    measured rule schedules), then edgecut's shipped one."""
     t = _targets.get(target)
-    return [d for d in (database_dir(t), SHIPPED / _key(t)) if (d / "database_workload.json").exists()]
+    roots = (database_dir(t), SHIPPED / _key(t))
+    return [d for r in roots for d in (r, r / RULES) if (d / "database_workload.json").exists()]
 
 
 def open_database(path: str | Path):
@@ -114,7 +117,11 @@ def tune(mod, params, target: Target | str, *, trials: int, num_inputs: int = 1,
             num_trials_per_iter=min(64, per_task), runner=runner, measure_callbacks=callbacks,
             builder=ms.builder.LocalBuilder(timeout_sec=timeout_s))
         if rpc is None:
-            record_rule_schedules(main_mod, tvm_target, db)
+            # a separate database: MetaSchedule's evolutionary search seeds itself from its own
+            # database's best records and cannot replay a trace made without its sampling steps
+            record_rule_schedules(main_mod, tvm_target,
+                                  ms.database.JSONDatabase(work_dir=str(work / RULES)))
+        del db
     finally:
         if bar is not None:
             bar.close()
