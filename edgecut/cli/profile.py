@@ -26,10 +26,10 @@ def summary(prof) -> str:
              f"with edgecut {prof.edgecut_version or '?'}",
              f"  error_p95 {prof.error_p95:.1%} (held-out programs), per-layer CV median error "
              f"{prof.layer_mdape:.1%}", f"  {prof.notes}" if prof.notes else ""]
-    lines.append(f"  {'kind':<13}{'n':>4}  {'chosen':<10} CV weighted error: edgent / work / loglinear / gbt")
+    lines.append(f"  {'kind':<13}{'n':>4}  {'chosen':<10} CV weighted error: edgent / elems / work / loglinear / gbt")
     for kind, d in sorted(prof.kinds.items()):
         cv = " / ".join(f"{d['cv'][m]['wape']:.1%}" if m in d["cv"] else "-"
-                        for m in ("edgent", "work", "loglinear", "gbt"))
+                        for m in ("edgent", "elems", "work", "loglinear", "gbt"))
         lines.append(f"  {kind:<13}{d['n']:>4}  {d['chosen']:<10} {cv}")
     lines.append(f"  fused elementwise: {prof.fused_s_per_elem * 1e9:.3f} ns/element; loading: "
                  f"{prof.loading['intercept'] * 1e3:.2f} ms + {prof.loading['s_per_byte'] * 1e9:.3f} ns/byte; "

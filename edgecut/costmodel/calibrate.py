@@ -38,7 +38,8 @@ def fit_profile(samples: list[Sample], name: str, target: str, fused_s_per_elem:
             continue
         y = np.array([s.seconds for s in group])
         rows = [s.work for s in group]
-        X = {"edgent": edgent_matrix([s.edgent for s in group]), "work": work_matrix(rows)}
+        W = work_matrix(rows)
+        X = {"edgent": edgent_matrix([s.edgent for s in group]), "work": W, "elems": W[:, :3].sum(1, keepdims=True)}
         if all(set(SHAPE) <= set(r) for r in rows):
             X["shape"] = work_matrix(rows, SHAPE)
         kinds[kind] = regressors.fit_kind(X, y)
@@ -131,7 +132,7 @@ def profile_target(target="local", quick: bool = False, name: str | None = None,
             gm = annotate_cost(edgecut.trace(case.module.eval(), *(torch.randn(*s) for s in case.shapes)), prof, prof)
             predicted = sum(n.meta[M.DEVICE_S] for n in gm.graph.nodes) + prof.segment_seconds(
                 int(np.prod(case.shapes[0])), 10)
-            measured = mb.time_built(mb.compile_module(case.module, case.shapes, t), case.shapes)
+            measured = mb.time_built(mb.compile_module(case.module, case.shapes, t), case.shapes, as_segment=True)
             errors.append(abs(predicted - measured) / measured)
             bar.update()
         loading = measure_loading(t, loading_sizes, on_step=bar.update)

@@ -36,9 +36,10 @@ class Call:
     seconds: float
 
 
-def kernel_calls(vm, args, runs: int = 7) -> tuple[list[Call], float]:
+def kernel_calls(vm, args, runs: int = 7, plain=None) -> tuple[list[Call], float]:
     """Median seconds of every kernel call of `vm["main"](*args)`, in call order (VM builtins
-    such as allocation and reshape are left out), and the median seconds of the whole call.
+    such as allocation and reshape are left out), and the median seconds of the whole call
+    (of `plain()` when given, e.g. the call as a segment with its numpy conversions).
     Hooked and plain runs alternate, so both see the same load on a shared machine; one untimed
     warm-up run of each first."""
     per_run: list[list] = []
@@ -59,7 +60,7 @@ def kernel_calls(vm, args, runs: int = 7) -> tuple[list[Call], float]:
         for _ in range(runs + 1):
             vm.set_instrument(None)
             t0 = time.perf_counter()
-            vm["main"](*args)
+            plain() if plain is not None else vm["main"](*args)
             whole.append(time.perf_counter() - t0)
             vm.set_instrument(hook)
             per_run.append([])
@@ -98,19 +99,25 @@ def _fused_ops(call: Call) -> int:
 
 def layer_of(call: Call):
     """(torch layer, input shape) that `call` computes, or None for kernels we do not model
-    (pools, layout transforms, weight preparation)."""
+    (max pools, whose window the shapes do not tell; layout transforms; weight preparation)."""
     shapes = call.shapes
-    if len(shapes) < 3:
+    if len(shapes) < 2:
         return None
     x, w, out = shapes[0], shapes[1], shapes[-1]
-    if "conv2d" in call.name and len(x) == 4 and len(out) == 4 and len(w) in (4, 5):
+    if "conv2d" in call.name and len(shapes) >= 3 and len(x) == 4 and len(out) == 4 and len(w) in (4, 5):
         _, h, _, cin = x
         _, ho, _, cout = out
         kh, ki = (w[1], w[3]) if len(w) == 5 else (w[0], w[2])   # [O/t, H, W, I, t] or HWIO
         groups = cin if (ki == 1 and cin > 1 and cout == cin) else 1
         stride = max(1, round(h / ho))
         return nn.Conv2d(cin, cout, kh, stride, kh // 2, groups=groups, bias=False), (1, cin, h, h)
-    if "matmul" in call.name or "dense" in call.name:
+    if "adaptive_avg_pool2d" in call.name and len(x) == 4 and len(out) == 4:
+        if x[3] == out[3]:                       # NHWC
+            return nn.AdaptiveAvgPool2d((out[1], out[2])), (1, x[3], x[1], x[2])
+        if x[1] == out[1]:                       # NCHW
+            return nn.AdaptiveAvgPool2d((out[2], out[3])), x
+        return None
+    if ("matmul" in call.name or "dense" in call.name) and len(shapes) >= 3:
         if len(x) == 2 and len(out) == 2 and x[0] == 1:
             return nn.Linear(x[1], out[1], bias=False), (1, x[1])
     return None
@@ -118,7 +125,8 @@ def layer_of(call: Call):
 
 def samples_from_calls(calls: list[Call], source: str, fused_s_per_elem: float = 0.0,
                        _cache: dict | None = None) -> list[Sample]:
-    """One Sample per conv/depthwise/linear kernel call, features from edgecut's own trace."""
+    """One Sample per conv/depthwise/linear/adaptive-pool kernel call, features from edgecut's
+    own trace."""
     import edgecut
     from edgecut.costmodel.features import edgent_features, work_features
     from edgecut.frontend import meta as M
@@ -133,7 +141,7 @@ def samples_from_calls(calls: list[Call], source: str, fused_s_per_elem: float =
         key = (repr(module), shape)
         if key not in cache:
             gm = edgecut.trace(nn.Sequential(module).eval(), torch.randn(*shape))
-            node = next(n for n in gm.graph.nodes if n.meta.get(M.KIND) in (M.CONV, M.DWCONV, M.LINEAR))
+            node = next(n for n in gm.graph.nodes if n.meta.get(M.KIND) in (M.CONV, M.DWCONV, M.LINEAR, M.ADAPTIVE_POOL))
             cache[key] = (node.meta[M.KIND], edgent_features(node), work_features(node))
         kind, edg, work = cache[key]
         epilogue = fused_s_per_elem * work["out_elems"] * _fused_ops(call)
@@ -143,8 +151,8 @@ def samples_from_calls(calls: list[Call], source: str, fused_s_per_elem: float =
 
 
 def model_samples(name: str, side: int, target, fused_s_per_elem: float = 0.0, runs: int = 7):
-    """Compile zoo model `name` at `side`x`side`, time it whole (median) and per kernel.
-    Returns (samples, whole-model seconds, input shape)."""
+    """Compile zoo model `name` at `side`x`side`, time it whole as one segment (numpy in and
+    out, median) and per kernel. Returns (samples, whole-model seconds, input shape)."""
     import tvm
     from tvm import relax
 
@@ -155,10 +163,11 @@ def model_samples(name: str, side: int, target, fused_s_per_elem: float = 0.0, r
     built = compile_module(model, [shape], target)
     dev = tvm.cpu()
     vm = relax.VirtualMachine(built.executable, dev)
-    rng = np.random.default_rng(0)
-    args = [tvm.runtime.tensor(rng.standard_normal(shape).astype("float32"), dev)]
-    args += [tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in built.params]
-    calls, whole = kernel_calls(vm, args, runs)
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    ws = [tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in built.params]
+    main = vm["main"]
+    calls, whole = kernel_calls(vm, [tvm.runtime.tensor(x, dev), *ws], runs,
+                                plain=lambda: main(tvm.runtime.tensor(x, dev), *ws).numpy())
     return samples_from_calls(calls, name, fused_s_per_elem), whole, shape
 
 

@@ -93,17 +93,26 @@ def time_callable(f, args, warmup: int = 1, repeats: int = 5, min_total_s: float
     return float(np.median(times))
 
 
-def time_built(built, shapes, seed: int = 0, **kw) -> float:
-    """Median seconds of one call of a `Built` executable on random inputs of `shapes`."""
+def time_built(built, shapes, seed: int = 0, as_segment: bool = False, **kw) -> float:
+    """Median seconds of one call of a `Built` executable on random inputs of `shapes`. With
+    `as_segment`, each call also converts its numpy inputs to TVM tensors and its output back to
+    numpy, as `codegen.load.Part` runs a segment (what `Profile.segment_seconds` accounts for)."""
     import tvm
     from tvm import relax
 
     dev = tvm.cpu()
     rng = np.random.default_rng(seed)
     vm = relax.VirtualMachine(built.executable, dev)
-    args = [tvm.runtime.tensor(rng.standard_normal(s).astype("float32"), dev) for s in shapes]
-    args += [tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in built.params]
-    return time_callable(vm["main"], args, **kw)
+    xs = [rng.standard_normal(s).astype("float32") for s in shapes]
+    ws = [tvm.runtime.tensor(np.ascontiguousarray(p), dev) for p in built.params]
+    if as_segment:
+        main = vm["main"]
+
+        def run():
+            out = main(*(tvm.runtime.tensor(x, dev) for x in xs), *ws)
+            return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+        return time_callable(run, [], **kw)
+    return time_callable(vm["main"], [tvm.runtime.tensor(x, dev) for x in xs] + ws, **kw)
 
 
 def layer_nodes(module: nn.Module, shapes):

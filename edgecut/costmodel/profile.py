@@ -81,7 +81,10 @@ class Profile:
             x = x[: est.n_features_in_]
         else:
             from edgecut.costmodel.features import SHAPE, WORK
-            x = [work[k] for k in (SHAPE if d["features"][name] == "shape" else WORK)]
+            if d["features"][name] == "elems":
+                x = [work["macs"] + work["in_elems"] + work["out_elems"]]
+            else:
+                x = [work[k] for k in (SHAPE if d["features"][name] == "shape" else WORK)]
         return self.scale * float(est.predict(np.asarray([x], dtype=float))[0])
 
     def fallback_seconds(self, work: dict) -> float:

@@ -2,7 +2,8 @@
 
 - `LinearLatency`: y = b + w.x, a `LinearRegression`. On Edgent's features this is the paper's
   model (kept for parity); with `positive=True` on the work features (MACs, elements, params) it
-  is an additive cost model.
+  is an additive cost model; on the single "elems" feature (MACs + input + output elements) it is
+  the line a kind with too few samples to cross-validate gets.
 - `LogLinearLatency`: log(y / work) = b + w.log(1 + x) on the work features: a power law for
   the kernel's efficiency, clipped to the measured range; Duan's smearing factor corrects the
   bias of predicting a mean from a log-space fit.
@@ -25,6 +26,7 @@ from sklearn.utils.validation import check_is_fitted, check_X_y, check_array
 # candidate name -> (estimator factory, which features it reads, fewest samples it needs)
 CANDIDATES = {
     "edgent": (lambda: LinearLatency(), "edgent", 1),
+    "elems": (lambda: LinearLatency(positive=True, relative=True), "elems", 1),
     "work": (lambda: LinearLatency(positive=True, relative=True), "work", 1),
     "loglinear": (lambda: LogLinearLatency(), "work", 4),
     "gbt": (lambda: GBTLatency(), "shape", 20),
@@ -223,5 +225,6 @@ def fit_kind(X: dict, y, folds: int = 5, seed: int = 0) -> dict:
                 oof[te] = make().fit(X[feats][tr], y[tr]).predict(X[feats][te])
             out["cv"][name] = _scores(y, oof)
     scored = {k: v["wape"] + v["mdape"] for k, v in out["cv"].items()}
-    out["chosen"] = min(scored, key=scored.get) if scored else "work"
+    # too few samples to cross-validate: the one-feature line cannot overfit
+    out["chosen"] = min(scored, key=scored.get) if scored else ("elems" if "elems" in out["models"] else "work")
     return out
