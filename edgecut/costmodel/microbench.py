@@ -247,7 +247,7 @@ def fused_grid(quick: bool = False, seed: int = 1) -> list[tuple[Case, Case]]:
     """(conv alone, conv+batchnorm+relu) pairs: their difference is the cost of a fused epilogue."""
     rng = np.random.default_rng(seed)
     pairs = []
-    for _ in range(3 if quick else 8):
+    for _ in range(6 if quick else 10):
         c = _conv(rng, 1e8)
         conv = c.module
         group = nn.Sequential(conv, nn.BatchNorm2d(conv.out_channels), nn.ReLU())

@@ -106,8 +106,14 @@ class Profile:
         numpy <-> TVM tensor copies and the NCHW <-> NHWC transforms at its boundary, for
         `in_elems` input and `out_elems` output elements. A plan run as k segments pays it k times
         (`edgecut.codegen.load.Part.run` calls each segment separately)."""
-        s = self.segment
-        return self.scale * max(0.0, s["intercept"] + s["s_per_elem"] * (in_elems + out_elems))
+        s, e = self.segment, in_elems + out_elems
+        pts = s.get("points")
+        if pts:   # measured points, interpolated; past the last one, the fitted slope
+            xs, ys = zip(*pts)
+            t = float(np.interp(e, xs, ys)) + s["s_per_elem"] * max(0.0, e - xs[-1])
+        else:
+            t = s["intercept"] + s["s_per_elem"] * e
+        return self.scale * max(0.0, t)
 
     def loading_seconds(self, model_bytes: int) -> float:
         """Edgent's model-loading regression: seconds to load a library of `model_bytes`."""
