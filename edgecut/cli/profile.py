@@ -24,8 +24,11 @@ def summary(prof) -> str:
     lines = [f"profile {prof.name!r} for target {prof.target!r} ({prof.source}"
              f"{', UNCALIBRATED' if not prof.calibrated else ''}), measured {prof.date or '?'} "
              f"with edgecut {prof.edgecut_version or '?'}",
-             f"  error_p95 {prof.error_p95:.1%} (held-out programs), per-layer CV median error "
+             f"  error_p95 {prof.error_p95:.1%} (held-out programs and models), per-layer median error "
              f"{prof.layer_mdape:.1%}", f"  {prof.notes}" if prof.notes else ""]
+    for r in prof.held_out.get("models", []):
+        lines.append(f"  held out {r['name']}@{r['side']}: measured {r['measured'] * 1e3:.2f} ms, predicted "
+                     f"{r['predicted'] * 1e3:.2f} ms ({r['error']:.1%})")
     lines.append(f"  {'kind':<13}{'n':>4}  {'chosen':<10} CV weighted error: edgent / elems / work / loglinear / gbt")
     for kind, d in sorted(prof.kinds.items()):
         cv = " / ".join(f"{d['cv'][m]['wape']:.1%}" if m in d["cv"] else "-"
@@ -33,7 +36,8 @@ def summary(prof) -> str:
         lines.append(f"  {kind:<13}{d['n']:>4}  {d['chosen']:<10} {cv}")
     lines.append(f"  fused elementwise: {prof.fused_s_per_elem * 1e9:.3f} ns/element; loading: "
                  f"{prof.loading['intercept'] * 1e3:.2f} ms + {prof.loading['s_per_byte'] * 1e9:.3f} ns/byte; "
-                 f"message overhead {prof.message_overhead_s * 1e6:.0f} us")
+                 f"message overhead {prof.message_overhead_s * 1e6:.0f} us; segment call "
+                 f"{prof.segment_seconds(0, 0) * 1e6:.0f} us + boundary")
     return "\n".join(ln for ln in lines if ln)
 
 

@@ -5,7 +5,7 @@ A zoo model compiled by `edgecut.codegen.build` runs as a sequence of kernels; t
 hook before and after each, with the kernel's arguments (NHWC input, packed weight, epilogue
 operands, output). From the shapes we rebuild the torch layer the kernel computes (a Conv2d,
 depthwise or not, or a Linear), trace it with edgecut to get exactly the features `annotate_cost`
-will see, and charge the kernel's median time minus the fused epilogue (which `annotate_cost`
+will see, and charge the kernel's time (a low quantile of runs) minus the fused epilogue (which `annotate_cost`
 charges to the fused nodes). Each Sample's `source` is the model's name, so a model's latency can
 be predicted by a profile fitted without its own kernels (`calibrate.refit(..., exclude=...)`).
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgecut.costmodel.microbench import Sample, compile_module
+from edgecut.costmodel.microbench import QUANTILE, Sample, compile_module
 
 # (zoo name, input side) per model whose kernels a profile learns from. Default and quick lists.
 MODELS = (("resnet18", 224), ("alexnet", 224), ("mobilenet_v2", 224), ("vgg16", 64), ("alexnet_cifar", 32),
@@ -30,15 +30,15 @@ QUICK_MODELS = (("resnet18", 112), ("alexnet", 112), ("mobilenet_v2", 112), ("al
 
 @dataclass(frozen=True)
 class Call:
-    """One kernel call of a model run: its symbol, argument shapes and median seconds."""
+    """One kernel call of a model run: its symbol, argument shapes and seconds."""
     name: str
     shapes: tuple
     seconds: float
 
 
 def kernel_calls(vm, args, runs: int = 7, plain=None) -> tuple[list[Call], float]:
-    """Median seconds of every kernel call of `vm["main"](*args)`, in call order (VM builtins
-    such as allocation and reshape are left out), and the median seconds of the whole call
+    """Seconds (`microbench.QUANTILE` of the runs) of every kernel call of `vm["main"](*args)`, in
+    call order (VM builtins such as allocation and reshape are left out), and of the whole call
     (of `plain()` when given, e.g. the call as a segment with its numpy conversions).
     Hooked and plain runs alternate, so both see the same load on a shared machine; one untimed
     warm-up run of each first."""
@@ -69,9 +69,10 @@ def kernel_calls(vm, args, runs: int = 7, plain=None) -> tuple[list[Call], float
         vm.set_instrument(None)
     runs_ = per_run[1:]
     if not runs_ or any(len(r) != len(runs_[0]) for r in runs_):
-        return [], float(np.median(whole[1:]))
-    calls = [Call(sym, shapes, float(np.median([r[i][2] for r in runs_]))) for i, (sym, shapes, _) in enumerate(runs_[0])]
-    return calls, float(np.median(whole[1:]))
+        return [], float(np.quantile(whole[1:], QUANTILE))
+    calls = [Call(sym, shapes, float(np.quantile([r[i][2] for r in runs_], QUANTILE)))
+             for i, (sym, shapes, _) in enumerate(runs_[0])]
+    return calls, float(np.quantile(whole[1:], QUANTILE))
 
 
 def kernel_seconds(built, shapes, match: str = "conv2d", runs: int = 9, seed: int = 0) -> float | None:
@@ -150,9 +151,9 @@ def samples_from_calls(calls: list[Call], source: str, fused_s_per_elem: float =
     return out
 
 
-def model_samples(name: str, side: int, target, fused_s_per_elem: float = 0.0, runs: int = 7):
+def model_samples(name: str, side: int, target, fused_s_per_elem: float = 0.0, runs: int = 11):
     """Compile zoo model `name` at `side`x`side`, time it whole as one segment (numpy in and
-    out, median) and per kernel. Returns (samples, whole-model seconds, input shape)."""
+    out) and per kernel (`microbench.QUANTILE` of the runs). Returns (samples, whole-model seconds, input shape)."""
     import tvm
     from tvm import relax
 
@@ -183,7 +184,7 @@ SEGMENT_SHAPES = ((1, 8, 8, 8), (1, 16, 16, 16), (1, 32, 28, 28), (1, 64, 28, 28
 def measure_segment_overhead(target, shapes=SEGMENT_SHAPES, repeats: int = 9) -> dict:
     """What one segment call costs beyond its kernels, the way `codegen.load.Part` runs a
     segment: numpy input -> TVM tensor, `vm["main"]`, output `.numpy()`, around a 1x1 conv (so
-    `build`'s NCHW <-> NHWC boundary transforms are included). Overhead = that call's median
+    `build`'s NCHW <-> NHWC boundary transforms are included). Overhead = that call's time
     minus the conv kernel's, against the boundary elements (input + output). It is not linear
     (small tensors stay in cache), so `Profile.segment_seconds` interpolates the points (made
     non-decreasing) and extends them with the fitted line's slope.
