@@ -36,13 +36,6 @@ FUSABLE_PRODUCERS = frozenset({M.CONV, M.DWCONV, M.LINEAR, M.MAXPOOL, M.AVGPOOL}
 _NOT_ELEMENTWISE_FN = frozenset({"Softmax", "LogSoftmax", "softmax", "log_softmax", "_softmax"})
 
 
-def _elems(shape) -> int:
-    if shape is None:
-        return 0
-    if shape and isinstance(shape[0], tuple):
-        return sum(_elems(s) for s in shape)
-    return math.prod(shape)
-
 
 def _align(c, cap: int = 64) -> int:
     c = int(c)
@@ -61,7 +54,7 @@ def work_features(node) -> dict:
     groups = a.get("groups", 1) or 1
     return {"cin_align": float(_align(cin)), "cout_align": float(_align(cout)),
             "cin_per_group": float(max(1, int(cin) // int(groups))),"macs": float(m.get(M.MACS, 0)), "in_elems": float(m.get(M.IN_ELEMS, 0)),
-            "out_elems": float(_elems(m.get(M.SHAPE))), "params": float(m.get(M.PARAMS, 0)),
+            "out_elems": float(M.elements(m.get(M.SHAPE))), "params": float(m.get(M.PARAMS, 0)),
             "cin": float(cin), "cout": float(cout), "kernel": float(math.prod(a.get("kernel", (1,)))),
             "stride": float(math.prod(a.get("stride", (1,)))), "hw": float(math.prod(shape[2:]) if shape else 1)}
 

@@ -53,5 +53,19 @@ KINDS = (INPUT, OUTPUT, PARAM, CONV, DWCONV, LINEAR, MAXPOOL, AVGPOOL, ADAPTIVE_
 # Kinds that are pure bookkeeping: they carry no cost of their own.
 NO_COST_KINDS = frozenset({INPUT, OUTPUT, PARAM})
 
+
+
+def elements(shape) -> int:
+    """Elements of a `SHAPE` value: a tuple of ints, a tuple of such tuples (summed), or None (0)."""
+    if shape is None:
+        return 0
+    if shape and isinstance(shape[0], tuple):
+        return sum(elements(s) for s in shape)
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 # Keys every call node must have once the frontend's analysis has run (checked by verify).
 REQUIRED_AFTER_ANALYSIS = (SHAPE, DTYPE, OUT_BYTES, KIND, MACS, PARAMS, PARAM_BYTES, FEATURES)

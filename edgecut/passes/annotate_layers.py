@@ -78,20 +78,13 @@ _METHOD_KINDS = {
 }
 
 
-def _elems(shape) -> int:
-    if shape is None:
-        return 0
-    if shape and isinstance(shape[0], tuple):
-        return sum(_elems(s) for s in shape)
-    return math.prod(shape)
-
 
 def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def _in_elems(n: fx.Node) -> int:
-    return sum(_elems(a.meta.get(M.SHAPE)) for a in n.all_input_nodes if a.op != "get_attr")
+    return sum(M.elements(a.meta.get(M.SHAPE)) for a in n.all_input_nodes if a.op != "get_attr")
 
 
 def _attr(gm: fx.GraphModule, target: str):
@@ -194,7 +187,7 @@ def annotate_layers(gm: fx.GraphModule) -> fx.GraphModule:
     for n in gm.graph.nodes:
         kind, attrs, type_name = _kind_and_attrs(gm, n)
         in_elems = 0 if n.op in ("placeholder", "get_attr") else _in_elems(n)
-        out_elems = _elems(n.meta.get(M.SHAPE)) if n.op != "output" else 0
+        out_elems = M.elements(n.meta.get(M.SHAPE)) if n.op != "output" else 0
         if n.op == "output":
             in_elems = 0
         params = _own_params(gm, n, owner)
