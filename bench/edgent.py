@@ -17,10 +17,8 @@ Last line: `edgecut accuracy-within-deadline X vs best baseline Y (name)`.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch

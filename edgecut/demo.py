@@ -9,7 +9,6 @@ local profile scaled by the same factor, so predictions and measurements describ
 """
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections import Counter

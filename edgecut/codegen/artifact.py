@@ -19,7 +19,6 @@ import platform
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
