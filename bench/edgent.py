@@ -97,31 +97,44 @@ def main() -> None:
     overhead = art.info["overhead"]
     choice = {(s, bw, d): plan_for(s, gm, Link(bw, a.rtt, overhead), d)
               for s in STRATEGIES for bw in bws for d in deadlines}
-    distinct = {p.id: p for p in choice.values()}
-    carrier = PlanTable(tuple(float(i) for i in range(len(distinct))), tuple(distinct.values()), deadlines[0])
-    build_artifact(gm, carrier, "local", "local", f"{a.out}/all-plans", (x0,), model_name="alexnet_cifar",
-                   onnx=False)
-    path = f"{a.out}/all-plans"
+    # One artifact per set of plans a strategy uses (as compile would build it), so that no
+    # strategy pays for segments cut for another's plans.
+    paths, groups = {}, {}
+    for (s, bw, d), p in choice.items():
+        groups.setdefault((s, d), {})[p.id] = p
+    for key, plans in groups.items():
+        ids = tuple(sorted(plans))
+        if ids not in paths:
+            path = f"{a.out}/plans-{len(paths)}"
+            carrier = PlanTable(tuple(float(i) for i in range(len(ids))), tuple(plans[i] for i in ids), key[1])
+            build_artifact(gm, carrier, "local", "local", path, (x0,), model_name="alexnet_cifar", onnx=False,
+                           progress=False)
+            paths[ids] = path
+        groups[key] = paths[ids]
+    print(f"{len(paths)} artifacts for {len(groups)} (strategy, deadline) pairs")
 
     xs = np.stack([test[i][0].numpy() for i in range(len(test))])[:, None]
     ys = np.array([int(test[i][1]) for i in range(len(test))])
     order = np.random.default_rng(0).permutation(len(xs))[: a.requests]
-    server = EdgeServer(path, "127.0.0.1", 0, workers=1).start()
-    link = LinkEmulator(("127.0.0.1", 0), server.address, rate=bws[0], delay=a.rtt / 2).start()
-    device = SlowDevice(load(path, "device"), a.slowdown)
+    servers = {path: EdgeServer(path, "127.0.0.1", 0, workers=1).start() for path in paths.values()}
+    links = {path: LinkEmulator(("127.0.0.1", 0), srv.address, rate=bws[0], delay=a.rtt / 2).start()
+             for path, srv in servers.items()}
+    devices = {path: SlowDevice(load(path, "device"), a.slowdown) for path in paths.values()}
     score = {s: [] for s in STRATEGIES}
     rows = []
     try:
         for bw in bws:
-            link.set_rate(bw, bw)
+            for link in links.values():
+                link.set_rate(bw, bw)
             for d in deadlines:
                 for s in STRATEGIES:
-                    plan = choice[(s, bw, d)]
-                    rt = DeviceRuntime(FixedPlan(device, plan, d), edge=link.address, probe_interval=None,
-                                       early_exit=(s == "edgecut+ee"), initial_bandwidth=bw)
+                    plan, path = choice[(s, bw, d)], groups[(s, d)]
+                    rt = DeviceRuntime(FixedPlan(devices[path], plan, d), edge=links[path].address,
+                                       probe_interval=None, early_exit=(s == "edgecut+ee"), initial_bandwidth=bw)
                     ok = met = 0
                     lat = []
                     try:
+                        rt.probe()      # connect (and measure) before the timed requests, as a device would
                         for i in order:
                             r = rt.infer(xs[i], deadline=d)
                             lat.append(r.total_s)
@@ -136,8 +149,10 @@ def main() -> None:
                                  f"{ok / len(order):.3f}"))
                     print("  ".join(rows[-1]), flush=True)
     finally:
-        link.stop()
-        server.shutdown(drain_timeout=5)
+        for link in links.values():
+            link.stop()
+        for srv in servers.values():
+            srv.shutdown(drain_timeout=5)
 
     print("\n| bandwidth | deadline | strategy | plan | predicted | measured (median) | deadline met | "
           "accuracy within deadline |\n|---|---|---|---|---|---|---|---|")

@@ -1,10 +1,13 @@
 """Emulate a slower device on this machine, the way `linkemu` emulates a slower network.
 
 `SlowDevice(part, slowdown=100)` wraps the device side of an artifact: every compiled segment
-really computes on this CPU, then the call waits until `slowdown` times the segment's measured
-time has passed, so a laptop behaves like a Raspberry-Pi-class device. Only segment calls are
-stretched; the runtime's own Python work (routing, entropy checks, sockets) runs at this
-machine's speed. Plan with the matching profile (`Profile.scaled(slowdown)`) so that
+really computes on this CPU, then the call waits until `slowdown` times the segment's *warm*
+time on this CPU has passed (measured once per segment, back to back, at its first call), so a
+laptop behaves like a Raspberry-Pi-class device. The warm time is the reference because the
+waiting itself lets this CPU's thread pool fall asleep and its caches go cold: stretching each
+call's own time would multiply those wake-ups 100x, which no real device pays. Only segment
+calls are stretched; the runtime's own Python work (routing, entropy checks, sockets) runs at
+this machine's speed. Plan with the matching profile (`Profile.scaled(slowdown)`) so that
 predictions describe the emulated device.
 """
 from __future__ import annotations
@@ -25,11 +28,20 @@ class SlowDevice:
         self._part._run = {name: self._stretch(fn) for name, fn in part._run.items()}
 
     def _stretch(self, fn):
+        warm = []
+
         def run(inputs):
             t0 = time.perf_counter()
             out = fn(inputs)
             spent = time.perf_counter() - t0
-            time.sleep(spent * (self.slowdown - 1.0))
+            if not warm:                      # first call: time the segment warm, back to back
+                times = []
+                for _ in range(5):
+                    t = time.perf_counter()
+                    fn(inputs)
+                    times.append(time.perf_counter() - t)
+                warm.append(sorted(times)[len(times) // 2])
+            time.sleep(max(0.0, self.slowdown * warm[0] - spent))
             return out
         return run
 
