@@ -63,6 +63,17 @@ class LinearLatency(RegressorMixin, BaseEstimator):
                 "floor": self.floor_, "positive": bool(self.positive)}
 
 
+def _finish_log_fit(est, X, y, t):
+    """Shared end of the log-efficiency fits: clip range, smearing correction (the mean ratio of
+    latency to the back-transformed prediction), floor, feature count."""
+    est.tmin_, est.tmax_ = float(t.min()), float(t.max())
+    est.smear_ = 1.0
+    est.smear_ = float(np.mean(y / est._raw(X)))
+    est.floor_ = float(est.floor if est.floor is not None else 0.5 * y.min())
+    est.n_features_in_ = X.shape[1]
+    return est
+
+
 class LogLinearLatency(RegressorMixin, BaseEstimator):
     """A power law for efficiency: log(seconds / work) = intercept_ + coef_ . log1p(x), a ridge
     regression, with work = 1 + MACs + input + output elements (the first three columns). The
@@ -86,12 +97,7 @@ class LogLinearLatency(RegressorMixin, BaseEstimator):
         L, t = np.log1p(np.maximum(X, 0.0)), np.log(y) - np.log(self._work(X))
         lr = Ridge(alpha=self.alpha).fit(L, t)
         self.coef_, self.intercept_ = lr.coef_.astype(float), float(lr.intercept_)
-        self.tmin_, self.tmax_ = float(t.min()), float(t.max())
-        self.smear_ = 1.0
-        self.smear_ = float(np.mean(y / self._raw(X)))
-        self.floor_ = float(self.floor if self.floor is not None else 0.5 * y.min())
-        self.n_features_in_ = X.shape[1]
-        return self
+        return _finish_log_fit(self, X, y, t)
 
     def _raw(self, X):
         t = np.clip(np.log1p(np.maximum(X, 0.0)) @ self.coef_ + self.intercept_, self.tmin_, self.tmax_)
@@ -135,12 +141,7 @@ class GBTLatency(RegressorMixin, BaseEstimator):
                         "feature": e.tree_.feature.tolist(), "threshold": e.tree_.threshold.tolist(),
                         "value": e.tree_.value.ravel().tolist()} for e in gbr.estimators_[:, 0]]
         self.lr_ = float(self.learning_rate)
-        self.tmin_, self.tmax_ = float(t.min()), float(t.max())
-        self.smear_ = 1.0
-        self.smear_ = float(np.mean(y / self._raw(X)))
-        self.floor_ = float(self.floor if self.floor is not None else 0.5 * y.min())
-        self.n_features_in_ = X.shape[1]
-        return self
+        return _finish_log_fit(self, X, y, t)
 
     def _raw(self, X):
         L = np.log1p(np.maximum(X, 0.0))
