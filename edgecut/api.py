@@ -65,8 +65,7 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
         gm, exit_info = model, dict(model.meta.get(meta.RIGHT_SIZING, {}))
     else:
         gm = trace(model, example_input)                                 # fx graph + layer metadata
-        exit_info = _right_size(gm, exits, data, example_input, epochs, max_accuracy_loss, num_exits, progress)
-        gm = exit_info.pop("gm")
+        gm, exit_info = _right_size(gm, exits, data, example_input, epochs, max_accuracy_loss, num_exits, progress)
         gm.meta[meta.RIGHT_SIZING] = exit_info
     gm = annotate_cost(gm, dev_prof, edge_prof, allow_uncalibrated)     # device/edge seconds per node
     overhead = dev_prof.message_overhead_s or edge_prof.message_overhead_s
@@ -104,14 +103,14 @@ def _prof_info(p) -> dict:
             "error_p95": p.error_p95}
 
 
-def _right_size(gm, exits, data, example_input, epochs, max_loss, num_exits, progress) -> dict:
-    """Insert and train exits when asked and given data; returns {"gm", and what was measured}."""
+def _right_size(gm, exits, data, example_input, epochs, max_loss, num_exits, progress) -> tuple:
+    """Insert and train exits when asked and given data; returns (graph, what was measured)."""
     if not exits:
-        return {"gm": gm}
+        return gm, {}
     if data is None:
         warnings.warn("compile: exits were requested but no data was given to train them: right-sizing is "
                       "off (pass data='digits' or (train, val) datasets)", RightSizingOffWarning, stacklevel=3)
-        return {"gm": gm}
+        return gm, {}
     from edgecut.exits import calibrate_thresholds, early_exit_report, evaluate, train_exits
     from edgecut.passes.insert_exits import insert_exits
 
@@ -119,13 +118,12 @@ def _right_size(gm, exits, data, example_input, epochs, max_loss, num_exits, pro
     gm = insert_exits(gm, exits, num_exits=num_exits)                    # BranchyNet heads
     train_exits(gm, train, val, epochs=epochs, progress=progress)       # joint loss; records accuracy
     report = calibrate_thresholds(gm, val, max_loss)                      # entropy thresholds per exit
-    out = {"gm": gm, "early_exit": {"fractions": list(report.fractions), "accuracy": report.accuracy,
-                                    "max_loss": max_loss}}
+    out = {"early_exit": {"fractions": list(report.fractions), "accuracy": report.accuracy, "max_loss": max_loss}}
     if test is not None:
         out["test_accuracy"] = evaluate(gm, test)
-        out["early_exit_test"] = {"fractions": list(early_exit_report(gm, test).fractions),
-                                  "accuracy": early_exit_report(gm, test).accuracy}
-    return out
+        on_test = early_exit_report(gm, test)
+        out["early_exit_test"] = {"fractions": list(on_test.fractions), "accuracy": on_test.accuracy}
+    return gm, out
 
 
 def _splits(data, shape):
