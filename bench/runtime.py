@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import argparse
 import socket
+import multiprocessing as mp
+import os
 import statistics
+import struct
 import sys
 import threading
 import time
@@ -47,67 +50,102 @@ from edgecut.units import parse_bandwidth, parse_time  # noqa: E402
 
 N = 262_144                        # float32 elements: 1 MiB
 DIMS = (N, 1, 1, 10)
+PIN = True
+CPUS = sorted(os.sched_getaffinity(0))          # before any pinning
 TABLE = make_table(DIMS, bounds=(0.0,), cuts=("input",), exits=(1,))
 
 
-def raw_server(part=None):
-    """A thread answering each 1 MiB with one byte; with `part`, after running it on the bytes
-    (the edge's seconds appended to the returned list, as the server reports them)."""
-    srv = socket.create_server(("127.0.0.1", 0))
+def _pin(cpu: int) -> None:
+    """Device and edge on different cores, as on different machines (see the module docstring)."""
+    if PIN and len(CPUS) > 1:
+        os.sched_setaffinity(0, {CPUS[cpu]})
+
+
+def _raw_child(listener: socket.socket, compute: bool, spin: bool) -> None:
+    """The raw side's edge process: answers each 1 MiB with the edge's seconds (8 bytes), after
+    running the edge part on the bytes when `compute`. `spin`: receive like the runtime does
+    (poll without sleeping while bytes arrive) instead of blocking in every recv_into."""
+    _pin(1)
+    part = NumpyPart("edge", DIMS, TABLE)
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = memoryview(bytearray(4 * N))
     x = np.frombuffer(buf, np.float32).reshape(1, N)
-    edge_s: list[float] = []
-
-    def serve():
-        conn, _ = srv.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with conn:
-            while True:
-                got = 0
-                while got < len(buf):
-                    n = conn.recv_into(buf[got:])
-                    if not n:
-                        return
-                    got += n
-                if part is not None:
-                    t = time.monotonic()
-                    assert part.run("e1/input", {"x": x}).done
-                    edge_s.append(time.monotonic() - t)
-                conn.sendall(b"!")
-
-    threading.Thread(target=serve, daemon=True).start()
-    return srv, edge_s
+    while True:
+        got = 0
+        while got < len(buf):
+            try:
+                n = conn.recv_into(buf[got:], 0, socket.MSG_DONTWAIT if spin and got else 0)
+            except BlockingIOError:
+                continue
+            if not n:
+                return
+            got += n
+        edge_s = 0.0
+        if compute:
+            t = time.monotonic()
+            assert part.run("e1/input", {"x": x}).done
+            edge_s = time.monotonic() - t
+        conn.sendall(struct.pack("<d", edge_s))
 
 
-def loopback(runs: int, bare_raw: bool = False) -> tuple[float, float, float]:
-    """One session: medians of raw and runtime round trips (compute subtracted), and their ratio."""
+def _edge_child(pipe: socket.socket) -> None:
+    _pin(1)
+    with EdgeServer(NumpyPart("edge", DIMS, TABLE), "127.0.0.1", 0) as server:
+        pipe.sendall(struct.pack(">H", server.address[1]))
+        pipe.recv(1)                                    # the parent closing it: stop
+
+
+def _raw_client(compute: bool, spin: bool):
+    ctx = mp.get_context("fork")
+    listener = socket.create_server(("127.0.0.1", 0))
+    child = ctx.Process(target=_raw_child, args=(listener, compute, spin), daemon=True)
+    child.start()
+    sock = socket.create_connection(listener.getsockname())
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.close()
+    return sock, child
+
+
+def loopback(runs: int, bare_raw: bool = False) -> tuple[float, float, float, float]:
+    """One session: medians of the raw, raw-spinning and runtime round trips (edge compute
+    subtracted), and the ratio runtime / raw."""
     x = np.random.default_rng(0).standard_normal((1, N), dtype=np.float32)
     payload = memoryview(x.reshape(-1).view(np.uint8))
-    edge = NumpyPart("edge", DIMS, TABLE)
-    srv, edge_s = raw_server(None if bare_raw else edge)
-    raw = socket.create_connection(srv.getsockname())
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    part = NumpyPart("device", DIMS, TABLE)
-    with EdgeServer(edge, "127.0.0.1", 0) as server:
-        conn = EdgeConnection(*server.address, *P.manifest_identity(part))
-        t_raw, t_rt = [], []
-        for i in range(runs + 5):
-            t = time.perf_counter()
-            raw.sendall(payload)
-            assert raw.recv(1) == b"!"
-            a = time.perf_counter() - t - (edge_s[-1] if edge_s else 0.0)
-            t = time.perf_counter()
-            reply, _, _ = conn.request(P.infer(i, "e1/input", {"x": x}, None), None)
-            b = time.perf_counter() - t - reply["edge_s"]
-            assert reply["type"] == "result", reply
-            if i >= 5:                                  # warm-up
-                t_raw.append(a)
-                t_rt.append(b)
-        conn.close()
-    raw.close()
-    srv.close()
-    a, b = statistics.median(t_raw), statistics.median(t_rt)
-    return a, b, b / a
+    raw, raw_child = _raw_client(not bare_raw, spin=False)
+    spun, spun_child = _raw_client(not bare_raw, spin=True)
+    mine, theirs = socket.socketpair()
+    edge = mp.get_context("fork").Process(target=_edge_child, args=(theirs,), daemon=True)
+    edge.start()
+    (port,) = struct.unpack(">H", mine.recv(2))
+    conn = EdgeConnection("127.0.0.1", port, *P.manifest_identity(NumpyPart("device", DIMS, TABLE)))
+
+    def raw_trip(sock):
+        t = time.perf_counter()
+        sock.sendall(payload)
+        (edge_s,) = struct.unpack("<d", sock.recv(8, socket.MSG_WAITALL))
+        return time.perf_counter() - t - edge_s
+
+    t_raw, t_spun, t_rt = [], [], []
+    for i in range(runs + 5):
+        a, b = raw_trip(raw), raw_trip(spun)
+        t = time.perf_counter()
+        reply, _, _ = conn.request(P.infer(i, "e1/input", {"x": x}, None), None)
+        c = time.perf_counter() - t - reply["edge_s"]
+        assert reply["type"] == "result", reply
+        if i >= 5:                                      # warm-up
+            t_raw.append(a)
+            t_spun.append(b)
+            t_rt.append(c)
+    conn.close()
+    for sock in (raw, spun, mine):
+        sock.close()
+    for child in (raw_child, spun_child, edge):
+        child.join(5)
+        if child.is_alive():
+            child.kill()
+    a, b, c = (statistics.median(v) for v in (t_raw, t_spun, t_rt))
+    return a, b, c, c / a
 
 
 def link(runs: int, rate: float, delay: float) -> tuple[float, float]:
@@ -141,17 +179,24 @@ def main() -> None:
     ap.add_argument("--rate", default="20mbit")
     ap.add_argument("--delay", default="20ms")
     ap.add_argument("--sessions", type=int, default=10, help="fresh servers and buffers for the loopback runs")
+    ap.add_argument("--no-pin", action="store_true", help="leave device and edge processes where the scheduler puts them")
     ap.add_argument("--bare-raw", action="store_true", help="the raw side skips the edge compute (see 1.)")
     ap.add_argument("--soak", type=float, default=0.0, help="also run the 32-device soak (30: the slow test)")
     args = ap.parse_args()
     rate, delay = parse_bandwidth(args.rate), parse_time(args.delay)
 
+    global PIN
+    PIN = not args.no_pin
+    _pin(0)
     per = max(20, args.runs // args.sessions)
     sessions = [loopback(per, args.bare_raw) for _ in range(args.sessions)]
-    raw_s, rt_s, ratio = (statistics.median(v) for v in zip(*sessions))
+    raw_s, spun_s, rt_s, ratio = (statistics.median(v) for v in zip(*sessions))
     print(f"loopback, 1 MiB: raw sendall{' (no compute)' if args.bare_raw else ''} {raw_s * 1e3:.3f} ms, "
-          f"runtime {rt_s * 1e3:.3f} ms (edge compute subtracted; medians over {args.sessions} sessions of "
-          f"{per} interleaved runs; session ratios {min(v[2] for v in sessions):.2f}-{max(v[2] for v in sessions):.2f})")
+          f"raw with a spinning receiver {spun_s * 1e3:.3f} ms, runtime {rt_s * 1e3:.3f} ms (edge compute "
+          f"subtracted; medians over {args.sessions} sessions of {per} interleaved runs; session ratios "
+          f"{min(v[3] for v in sessions):.2f}-{max(v[3] for v in sessions):.2f}; runtime / spinning raw "
+          f"{statistics.median(v[2] / v[1] for v in sessions):.2f})")
+    os.sched_setaffinity(0, CPUS)
     got, want = link(args.link_runs, rate, delay)
     print(f"link {args.rate} + {args.delay} each way, 1 MiB: transfer {got * 1e3:.1f} ms, "
           f"bytes/rate + RTT {want * 1e3:.1f} ms (medians of {args.link_runs})")

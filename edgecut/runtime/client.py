@@ -65,7 +65,7 @@ class EdgeConnection:
             msg = self.ch.recv(deadline)
             if msg["type"] == "error":
                 raise RemoteError(*P.error_of(msg))
-            if msg["type"] != "challenge" or not isinstance(msg.get("nonce"), memoryview):
+            if msg["type"] != "challenge" or not isinstance(msg.get("nonce"), (bytes, memoryview)):
                 raise ProtocolError(f"expected a challenge from the edge server, got {msg['type']!r}")
             if msg.get("auth") and not token:
                 raise RemoteError(P.AUTH, "the edge server requires a token: pass token=... (--token-file)")

@@ -259,7 +259,7 @@ class EdgeServer:
             return {"type": "pong", "id": rid}
         if kind == "probe":
             data = msg.get("data")
-            return {"type": "probe_ack", "id": rid, "n": data.nbytes if isinstance(data, memoryview) else 0}
+            return {"type": "probe_ack", "id": rid, "n": len(data) if isinstance(data, bytes) else data.nbytes if isinstance(data, memoryview) else 0}
         return P.error(P.BAD_REQUEST, f"unknown message type {kind!r}", rid)
 
     def _infer(self, msg: dict, ch: P.Channel) -> dict:

@@ -76,7 +76,8 @@ def test_hostile_structures():
     entries = [{"name": "a", "dtype": "float32", "shape": [2, 2], "data": memoryview(b"\0" * 12)},
                {"name": "a", "dtype": "object", "shape": [1], "data": memoryview(b"\0" * 8)},
                {"name": "a", "dtype": "float32", "shape": [-1], "data": memoryview(b"")},
-               {"name": "a", "dtype": "float32", "shape": [1], "data": b"\0" * 4}]
+               {"name": "a", "dtype": "float32", "shape": [1], "data": "\0" * 4},      # a str, not a bin
+               {"name": "a", "dtype": "float32", "shape": [2], "data": b"\0" * 4}]
     for e in entries:
         with pytest.raises(ProtocolError):
             P.decode_tensors([e])
@@ -120,3 +121,61 @@ def test_auth_digest():
     assert not P.check_auth(b"other", b"n" * 32, "m", "s", d)
     assert not P.check_auth(b"k", b"x" * 32, "m", "s", d)
     assert not P.check_auth(b"k", b"n" * 32, "m", "s", None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(objects)
+def test_small_frames_decode_like_big_ones(obj):
+    packed = msgpack.packb({"type": "x", "v": obj}, use_bin_type=True)
+    if len(packed) <= P._SMALL_FRAME:
+        fast = P.decode_small(packed)
+        assert fast == {k: (bytes(v) if isinstance(v, memoryview) else v) for k, v in P.decode(packed).items()}
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64))
+def test_small_decoder_raises_only_protocol_error(data):
+    try:
+        P.decode_small(data)
+    except ProtocolError:
+        pass
+
+
+def test_early_decode_of_a_partial_frame_is_the_whole_decode():
+    """decode_early sees the structure of a frame before its data has arrived, or says None."""
+    a, b = np.arange(50_000, dtype=np.float32), np.arange(7, dtype=np.int64)
+    raw = body(P.infer(5, "e1/x", {"a": a, "b": b}, 0.5))
+    full = P.decode(raw)
+    seen = None
+    for got in (1, 10, 60, 100, 200, 400, 1000, 100_000, len(raw) - 1):
+        buf = np.zeros(len(raw), np.uint8)
+        buf[:got] = np.frombuffer(raw[:got], np.uint8)          # the rest has not arrived yet
+        early = P.decode_early(memoryview(buf), got)
+        if early is None:
+            assert seen is None                                 # once seen, it stays seen
+            continue
+        seen = got
+        buf[got:] = np.frombuffer(raw[got:], np.uint8)          # ... and now it has
+        out = P.decode_tensors(early["tensors"])
+        assert early["id"] == 5 and np.array_equal(out["a"], a) and np.array_equal(out["b"], b)
+    # b's tensor map follows a's 200 kB of data: only a prefix holding all of it decodes early
+    assert seen == len(raw) - 1 and full["id"] == 5
+
+
+def test_channel_reads_a_frame_that_arrives_in_slow_pieces():
+    """The receiver spins, then sleeps, between pieces; the early decode meets the late bytes."""
+    a, b = socket.socketpair()
+    x = np.random.default_rng(1).standard_normal(100_000).astype(np.float32)
+    frame = b"".join(bytes(memoryview(p).cast("B")) for p in P.encode(P.infer(8, "p", {"x": x}, None)))
+
+    def trickle():
+        for i in range(0, len(frame), 65536):
+            a.sendall(frame[i:i + 65536])
+            threading.Event().wait(0.01)
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    msg = P.Channel(b, reuse_buffer=True).recv(frame_timeout=5)
+    t.join()
+    assert msg["id"] == 8 and np.array_equal(P.decode_tensors(msg["tensors"])["x"], x)
+    a.close(), b.close()
