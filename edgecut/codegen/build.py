@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecut import targets as _targets
+from edgecut.codegen import rewrites
 from edgecut.targets import Target
 
 log = logging.getLogger(__name__)
@@ -86,14 +87,15 @@ def prepare(mod, num_inputs: int = 1):
     from tvm import relax
 
     mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-    mod, constants = _constants_to_params(mod)
-    mod["main"] = _clip_as_min_max(mod)
+    mod, constants = rewrites.constants_to_params(mod)
+    mod["main"] = rewrites.clip_as_min_max(mod)
     mod["main"] = mod["main"].with_attr("num_input", num_inputs)
+    mod["main"] = rewrites.fold_batch_norm_into_conv(mod, num_inputs)
     mod = tvm.transform.Sequential([
-        relax.transform.DecomposeOpsForInference(),   # batch norm -> scale/shift, fusable
+        relax.transform.DecomposeOpsForInference(),   # other batch norms -> element-wise
         relax.transform.CanonicalizeBindings(),
     ])(mod)
-    mod["main"] = _divide_by_weights_as_multiply(mod, num_inputs)
+    mod["main"] = rewrites.divide_by_weights_as_multiply(mod, num_inputs)
     mod = tvm.transform.Sequential([
         relax.transform.ConvertLayout(DESIRED_LAYOUTS),  # NCHW/OIHW -> NHWC/HWIO
         relax.transform.LiftTransformParams(),        # weight-only work -> main_transform_params
@@ -111,109 +113,6 @@ def prepare(mod, num_inputs: int = 1):
     if weights is not None:
         weights = relax.transform.LegalizeOps()(weights)
     return main_mod, weights, constants
-
-
-def _constants_to_params(mod):
-    """Turn `main`'s tensor constants (not scalars) into trailing parameters; return the new
-    module and their values."""
-    from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-
-    @mutator
-    class ConstToParam(PyExprMutator):
-        def __init__(self, m):
-            super().__init__(m)
-            self.vars, self.values = [], []
-
-        def visit_generic_const_(self, op):  # a relax constant (GenericConst in TVM 0.27)
-            value = op.value.numpy() if hasattr(op.value, "numpy") else None
-            if value is None:
-                return op
-            if value.ndim == 0 or value.size <= 1:
-                return op
-            var = relax.Var(f"edgecut_const{len(self.vars)}", op.ty)
-            self.vars.append(var)
-            self.values.append(value)
-            return var
-
-    main = mod["main"]
-    mutator_ = ConstToParam(mod)
-    body = mutator_.visit_expr(main.body)
-    if not mutator_.vars:
-        return mod, []
-    mod["main"] = relax.Function(list(main.params) + mutator_.vars, body, main.ret_ty,
-                                 main.is_pure, main.attrs)
-    return mod, mutator_.values
-
-
-def _divide_by_weights_as_multiply(mod, num_inputs: int):
-    """x / w, with w computed from weights only (batch norm's sqrt(var + eps)), becomes
-    x * (1 / w): the reciprocal is lifted to compile time and the kernel's epilogue multiplies
-    (a vector divide costs as much as a 1x1 convolution's 16 multiply-adds)."""
-    import tvm
-    from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-
-    divide = tvm.ir.Op.get("relax.divide")
-    weights = set(mod["main"].params[num_inputs:])
-
-    @mutator
-    class DivToMul(PyExprMutator):
-        def __init__(self, m):
-            super().__init__(m)
-            self.memo = {}
-
-        def weight_only(self, e) -> bool:
-            kind = type(e).__name__
-            if kind in ("GenericConst", "Constant", "PrimValue", "StringImm"):
-                return True
-            if isinstance(e, relax.Var):
-                if e in weights:
-                    return True
-                if e not in self.memo:
-                    bound = self.lookup_binding(e)
-                    self.memo[e] = bound is not None and self.weight_only(bound)
-                return self.memo[e]
-            if isinstance(e, relax.Call):
-                return all(self.weight_only(a) for a in e.args)
-            if isinstance(e, relax.TupleGetItem):
-                return self.weight_only(e.tuple_value)
-            return False
-
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(divide)):
-                return call
-            x, w = call.args
-            if not self.weight_only(w) or self.weight_only(x):
-                return call
-            one = relax.const(1.0, w.ty.dtype)
-            return relax.op.multiply(x, self.builder_.normalize(relax.op.divide(one, w)))
-
-    return DivToMul(mod).visit_expr(mod["main"])
-
-
-def _clip_as_min_max(mod):
-    """clip (ReLU6 imports as clip(x, 0, 6)) -> minimum(maximum(x, lo), hi): binary element-wise
-    ops have layout inference, so ConvertLayout keeps them in NHWC (instead of transposing around
-    each ReLU6) and FuseOps folds them into the convolution's epilogue."""
-    import tvm
-    from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-
-    clip = tvm.ir.Op.get("relax.clip")
-
-    @mutator
-    class ClipToMinMax(PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(clip)):
-                return call
-            x, dtype = call.args[0], call.args[0].ty.dtype
-            lo, hi = (relax.const(float(a.value), dtype) for a in call.args[1:3])
-            return relax.op.minimum(self.builder_.normalize(relax.op.maximum(x, lo)), hi)
-
-    return ClipToMinMax(mod).visit_expr(mod["main"])
 
 
 def split_weight_prepack(mod):

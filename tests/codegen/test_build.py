@@ -118,6 +118,50 @@ def test_rule_numerics_match_torch(case, caplog):
     assert not [r for r in caplog.records if "unscheduled" in r.getMessage()]
 
 
+class DepthwiseBlock(nn.Module):
+    """MobileNetV2's depthwise stage: 3x3 depthwise conv, batch norm, ReLU6."""
+
+    def __init__(self, c, stride):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False)
+        self.bn, self.act = nn.BatchNorm2d(c), nn.ReLU6()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("channels,stride,size", [
+    (16, 1, 9), (24, 2, 12), (48, 1, 7), (96, 2, 11), (144, 1, 8), (40, 1, 5),
+])
+def test_depthwise_numerics_match_torch(channels, stride, size):
+    """Channel counts that give 1, 2, 3 and 9 vectors (and 8 lanes for 24 and 40), odd sizes."""
+    torch.manual_seed(0)
+    _check(DepthwiseBlock(channels, stride), (1, channels, size, size))
+
+
+def test_batch_norm_folds_into_the_convolution():
+    """conv + batch norm leaves one kernel whose epilogue is an add: the scale is in the weights."""
+    from edgecut.codegen.build import prepare
+
+    mod, _ = _import(_randomize_bn(nn.Sequential(ConvBnRelu(8, 16, 3), DepthwiseBlock(16, 2))),
+                     (1, 8, 10, 10))
+    main, _, _ = prepare(mod)
+    kernels = [gv.name_hint for gv in main.get_global_vars() if "conv2d" in gv.name_hint]
+    assert len(kernels) == 2
+    assert not [k for k in kernels if "subtract" in k or "multiply" in k or "divide" in k], kernels
+
+
+@pytest.mark.parametrize("lanes", [4, 8, 16])
+def test_accumulator_tiles_stay_under_1kb(lanes):
+    """TVM moves a buffer of 1 KB or more off the stack (a heap workspace per task, out of
+    registers): every register block the rule plans stays below it."""
+    for width in (7, 13, 14, 28, 56, 112):
+        for channels in (16, 24, 32, 64, 96, 144, 160, 576, 960, 1280):
+            _, v, nvec, _, reg = plan_tiles([1, width, width, channels], lanes)
+            assert reg * nvec * v * 4 < 1024 and reg * nvec <= 24, (width, channels, lanes)
+            assert width % reg == 0 and channels % (nvec * v) == 0
+
+
 def test_weights_are_repacked_once_at_compile_time():
     """A dense layer's weight comes back transposed and tiled; main never transposes it."""
     model = nn.Linear(64, 128)
@@ -138,12 +182,13 @@ def test_unscheduled_default_still_available():
 
 
 @pytest.mark.parametrize("extents,lanes,expect", [
-    ([1, 56, 56, 64], 16, (3, 16, 2, 2, 8)),     # NHWC conv: 8 pixels x 2 vectors
+    ([1, 56, 56, 64], 16, (3, 16, 2, 2, 7)),     # NHWC conv: 7 pixels x 2 vectors (< 1 KB)
+    ([1, 56, 56, 144], 16, (3, 16, 3, 2, 4)),    # depthwise 144 channels: 4 pixels x 3 vectors
     ([1, 7, 7, 512], 16, (3, 16, 2, 2, 7)),      # 7 pixels x 2 vectors (3 does not divide 32)
     ([1, 13, 13, 256], 16, (3, 16, 1, 2, 13)),   # prime width: one 13-pixel row
     ([1, 4096], 16, (1, 16, 8, -1, 1)),          # dense, batch 1: 8 vectors of outputs
     ([1, 1000], 16, (1, 8, 5, -1, 1)),           # 1000 = 8 x 125: 5 AVX2-width vectors
-    ([1, 56, 56, 64], 4, (3, 4, 2, 2, 8)),       # NEON: 4 lanes, 16 accumulators
+    ([1, 56, 56, 64], 4, (3, 4, 4, 2, 4)),       # NEON: 4 lanes, 4 x 4 accumulators
     ([1, 1, 1, 1], 16, (-1, 1, 1, -1, 1)),       # nothing to vectorize
 ])
 def test_plan_tiles(extents, lanes, expect):

@@ -11,22 +11,24 @@ Loop nest produced, for output axes (..., r, v) with `v` the contiguous (last) a
               acc[r_i, v_m, v_i] += ...
       epilogue (bias, batch norm, ReLU, residual add) on the tile, still in cache
 
-The accumulator tile stays in registers (r_i * v_m <= 24 vectors), the weights are read
-contiguously along `v` and the input is broadcast. Tile sizes are divisors of the extents, so
+The accumulator tile stays in registers (r_i * v_m <= 24 vectors, and under 1 KB: TVM puts a
+larger one in a heap workspace, where every multiply-add also loads and stores it), the weights
+are read contiguously along `v` and the input is broadcast. Tile sizes are divisors of the extents, so
 the code has no tail predicates; the rule is generic over shapes.
 """
 from __future__ import annotations
 
 from tvm.tirx import IndexMap
 
-from edgecut.codegen.schedules.common import (COMM_REDUCE, extent, largest_divisor, pow2_divisor,
-                                              reduction_size)
+from edgecut.codegen.schedules.common import COMM_REDUCE, extent, pow2_divisor, reduction_size
 
 MAX_ACC_VECTORS = 24
 MIN_PARALLEL_WORK = 65536  # multiply-adds below which one thread is faster than waking the pool
-REG_CANDIDATES = (8, 7, 6, 5, 4)
-REG_FALLBACK = (16, 15, 14, 13, 12, 11, 10, 9, 3, 2)  # odd sizes (13x13, 27x27, 55x55 maps)
+MAX_REG = 16  # pixels in a register block
 VEC_CANDIDATES = (8, 7, 6, 5, 4, 3, 2)
+# TVM keeps a buffer on the stack (where LLVM promotes it to registers) only below 1024 bytes;
+# a larger accumulator tile becomes a TVMBackendAllocWorkspace call per task, in memory.
+STACK_BYTES = 1024
 
 
 def plan_tiles(spatial_extents: list[int], lanes: int) -> tuple[int, int, int, int, int]:
@@ -41,14 +43,24 @@ def plan_tiles(spatial_extents: list[int], lanes: int) -> tuple[int, int, int, i
     ext = spatial_extents[vec_axis]
     v = pow2_divisor(ext, lanes)
     reg_axis = max((i for i, e in enumerate(spatial_extents[:vec_axis]) if e > 1), default=-1)
-    reg = 1
-    if reg_axis >= 0:
-        reg = largest_divisor(spatial_extents[reg_axis], REG_CANDIDATES)
-        if reg == 1:
-            reg = largest_divisor(spatial_extents[reg_axis], REG_FALLBACK)
-    budget = max(1, MAX_ACC_VECTORS // reg)
-    nvec = largest_divisor(ext // v, tuple(c for c in VEC_CANDIDATES if c <= budget))
+    reg_ext = spatial_extents[reg_axis] if reg_axis >= 0 else 1
+    nvec, reg = _register_block(reg_ext, ext // v, v)
     return vec_axis, v, nvec, reg_axis, reg
+
+
+def _register_block(reg_ext: int, vec_ext: int, v: int) -> tuple[int, int]:
+    """(nvec, reg): the accumulator tile of reg pixels x nvec vectors (divisors of the extents)
+    that does the most multiply-adds per load (reg * nvec / (reg + nvec)), with at most
+    MAX_ACC_VECTORS registers and under STACK_BYTES; ties go to the larger tile."""
+    best = ((0.0, 0, 0), 1, 1)
+    for reg in (r for r in range(min(reg_ext, MAX_REG), 0, -1) if reg_ext % r == 0):
+        for nvec in (n for n in VEC_CANDIDATES + (1,) if vec_ext % n == 0):
+            if reg * nvec > MAX_ACC_VECTORS or reg * nvec * v * 4 >= STACK_BYTES:
+                continue
+            key = (reg * nvec / (reg + nvec), reg * nvec, reg)
+            if key > best[0]:
+                best = (key, nvec, reg)
+    return best[1], best[2]
 
 
 def schedule_reduction(sch, block, lanes: int) -> bool:
@@ -159,4 +171,5 @@ def _attach_epilogue(sch, block, loop, n_outer: int, lanes: int) -> None:
                 sch.vectorize(vi)
             elif v == e:
                 sch.vectorize(fused)
+
 
