@@ -12,7 +12,8 @@ done here, once, at compile time); at run time call `main(*inputs, *built.params
 The pipeline, top to bottom (`prepare` is shared with `edgecut.codegen.tune`, so a tuning
 database recorded there matches the functions built here):
 
-    prepare     batch norm -> element-wise, convolutions to NHWC/HWIO, ops -> TIR, fuse
+    prepare     batch norm into conv weights (edgecut/codegen/rewrites.py), convolutions to
+                NHWC/HWIO, ops -> TIR, fuse
                 producers with their element-wise consumers, lift weight-only work out of main
     weights     run the lifted `main_transform_params` once on the host (layout changes,
                 transposed dense weights): the library never pays for them at run time
