@@ -1,17 +1,19 @@
 """bench/runtime.py: what the runtime costs on top of the network.
 
-1. Loopback: one 1 MB float32 tensor sent to a real EdgeServer as an infer request (framing,
+1. Loopback: one 1 MiB float32 tensor sent to a real EdgeServer as an infer request (framing,
    msgpack, sendmsg, recv_into, decode, the run, the reply) against a raw socket `sendall` of the
-   same bytes to a thread that `recv_into`s them, runs the same edge part (the same object, so
-   the same weights in memory) on them and answers one byte. Both round trips; on both the edge's
-   compute, timed the same way (time.monotonic around `part.run` on the receiving thread), is
-   subtracted. The raw side computes too because what a 1 MiB copy costs depends on whether its
-   buffers are still in the 2 MiB L2 cache here (0.13 ms if so, 0.23-0.45 ms if not), and the
-   run reads 1 MiB of weights and the tensor; with `--bare-raw` the raw side skips the run (the
-   baseline before, kinder to raw). Where buffers land in physical memory moves a 1 MiB copy by
-   up to 2x from one process to the next, so the runs are split over `--sessions` fresh sets of
-   servers, connections and buffers; raw and runtime interleaved within each; the ratio printed
-   is the median of the sessions' ratios of medians. Goal: ratio <= 1.2.
+   same bytes to a process that `recv_into`s them, runs the same edge part on them and answers its
+   8-byte compute time. Both are round trips from this process (the device) to an edge in its own
+   process, as in deployment (a server thread in this process would share its GIL and caches); on
+   both the edge's compute, timed the same way (time.monotonic around `part.run`), is subtracted.
+   A third column, raw with a receiver that polls without sleeping as the runtime's does, shows
+   what that trick buys a bare socket. Device and edge are pinned to different cores (--no-pin:
+   wherever the scheduler puts them). The raw side computes too because what a 1 MiB copy costs
+   depends on whether its buffers are still in the 2 MiB L2 cache; with `--bare-raw` it skips the
+   run. Where buffers land in physical memory moves a 1 MiB copy by up to 2x from one process to
+   the next, so the runs are split over `--sessions` fresh sets of processes, connections and
+   buffers; raw and runtime interleaved within each; the ratio printed is the median of the
+   sessions' ratios of medians. Goal: ratio <= 1.2.
 2. Emulated link (edgecut.runtime.linkemu, --rate, --delay): `DeviceRuntime.infer` with an
    edge-only plan whose crossing tensor is that 1 MB input; its measured transfer time against
    bytes*8/rate + RTT (the bytes of both frames, RTT = 2 x delay). Goal: within 10%.
@@ -140,10 +142,9 @@ def loopback(runs: int, bare_raw: bool = False) -> tuple[float, float, float, fl
     conn.close()
     for sock in (raw, spun, mine):
         sock.close()
-    for child in (raw_child, spun_child, edge):
-        child.join(5)
-        if child.is_alive():
-            child.kill()
+    for child in (raw_child, spun_child, edge):   # forked children hold each other's sockets: no EOF
+        child.kill()
+        child.join()
     a, b, c = (statistics.median(v) for v in (t_raw, t_spun, t_rt))
     return a, b, c, c / a
 

@@ -408,10 +408,12 @@ class Channel:
         poll the socket without sleeping while bytes keep coming (up to SPIN_S without progress),
         since a sleep and a wake-up per arriving chunk cost more than the copy on loopback and
         fast links; then block as usual."""
-        got, idle_since, spin = 0, None, not at_boundary and SPIN_S > 0
+        got, idle_since, spin, nonblocking = 0, None, not at_boundary and SPIN_S > 0, False
         while got < len(view):
             if spin:
-                self.sock.settimeout(0.0)
+                if not nonblocking:    # (with a timeout, Python polls before recv, even with MSG_DONTWAIT)
+                    self.sock.settimeout(0.0)
+                    nonblocking = True
                 try:
                     n = self.sock.recv_into(view[got:])
                 except BlockingIOError:
@@ -429,6 +431,7 @@ class Channel:
                     on_wait = None
             else:
                 self._timeout(deadline)
+                nonblocking = False
                 n = self.sock.recv_into(view[got:])
                 spin = not at_boundary and SPIN_S > 0      # woken by new bytes: more may follow
             if n == 0:
