@@ -55,6 +55,9 @@ def tvm_runner(built):
     return run, vm, ps
 
 
+PAUSE_S = 0.3   # before each engine's block in a round: the previous engine's threads park
+
+
 def ort_runner(model, x):
     import onnxruntime as ort
 
@@ -108,12 +111,17 @@ def profile(vm, ps, x, top=12):
 
 
 def measure(engines: dict, x, rounds: int, per_round: int) -> dict:
-    """Interleaved timing: every round runs each engine `per_round` times, in turn."""
+    """Interleaved timing: every round runs each engine `per_round` times, in turn, each block
+    after a pause: the engines' thread pools spin after their work (PyTorch's OpenMP for up to
+    200 ms, ONNX Runtime's and TVM's for less), and without it every engine ran against the
+    previous one's spinning threads on the 2 cores (ONNX Runtime, right after eager, read
+    3.1-11.5 ms for the same MobileNetV2 from run to run)."""
     times = {k: [] for k in engines}
     for f in engines.values():  # warm up
         f(x), f(x)
     for _ in range(rounds):
         for k, f in engines.items():
+            time.sleep(PAUSE_S)
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 f(x)
@@ -138,8 +146,8 @@ def main(argv=None):
           "(the machine is shared: other processes disturb every number)")
     for name in args.models:
         torch.manual_seed(0)
-        model = zoo.get(name)
         shape = zoo.default_input_shape(name)
+        model = zoo.settle_batchnorm(zoo.get(name), (2, *shape[1:]))   # else MobileNetV2's logits are its bias
         x = np.random.default_rng(0).standard_normal(shape).astype("float32")
         mod, params = import_relax(model, shape)
         t0 = time.perf_counter()

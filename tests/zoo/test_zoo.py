@@ -43,3 +43,18 @@ def test_load_spec_from_file(tmp_path):
     model, name, shape = zoo.load_spec(f"{f}:Net")
     assert name == "Net" and shape is None
     assert sum(p.numel() for p in model.parameters()) == 10
+
+
+def test_settled_batchnorm_makes_mobilenet_logits_depend_on_the_input():
+    """Fresh MobileNetV2 in eval mode: the logits are the classifier bias (what a numeric check
+    of a compiled copy would then compare); settled, they follow the input."""
+    import torch
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    fresh = zoo.get("mobilenet_v2")
+    settled = zoo.settle_batchnorm(zoo.get("mobilenet_v2"), (2, 3, 64, 64))
+    with torch.no_grad():
+        spread = lambda m: float((m(x) - m(2 * x)).abs().max() / m(x).abs().max())  # noqa: E731
+        assert spread(fresh) < 1e-3 < 0.1 < spread(settled)
+    assert not settled.training
