@@ -95,7 +95,7 @@ def _edge_child(pipe: socket.socket) -> None:
     _pin(1)
     with EdgeServer(NumpyPart("edge", DIMS, TABLE), "127.0.0.1", 0) as server:
         pipe.sendall(struct.pack(">H", server.address[1]))
-        pipe.recv(1)                                    # the parent closing it: stop
+        pipe.recv(1)                                    # until the parent kills this process
 
 
 def _raw_client(compute: bool, spin: bool):

@@ -403,12 +403,14 @@ class Channel:
         self.bytes_sent += total
         return total
 
-    def _fill(self, view: memoryview, deadline, at_boundary: bool, on_wait=None) -> None:
+    def _fill(self, view: memoryview, deadline, at_boundary: bool, on_partial=None) -> None:
         """Read exactly len(view) bytes. Inside a frame (not `at_boundary`) the rest is on its way:
         poll the socket without sleeping while bytes keep coming (up to SPIN_S without progress),
         since a sleep and a wake-up per arriving chunk cost more than the copy on loopback and
-        fast links; then block as usual."""
-        got, idle_since, spin, nonblocking = 0, None, not at_boundary and SPIN_S > 0, False
+        fast links; then block as usual. `on_partial(got)` is called once, when the first bytes
+        are in and more are to come."""
+        may_spin = not at_boundary and SPIN_S > 0
+        got, idle_since, spin, nonblocking = 0, None, may_spin, False
         while got < len(view):
             if spin:
                 if not nonblocking:    # (with a timeout, Python polls before recv, even with MSG_DONTWAIT)
@@ -417,8 +419,8 @@ class Channel:
                 try:
                     n = self.sock.recv_into(view[got:])
                 except BlockingIOError:
-                    now = time.perf_counter()
-                    if deadline is not None and time.monotonic() > deadline:
+                    now = time.monotonic()
+                    if deadline is not None and now > deadline:
                         raise TimeoutError("deadline passed") from None
                     if idle_since is None:
                         idle_since = now
@@ -426,14 +428,14 @@ class Channel:
                         spin = False
                     continue
                 idle_since = None
-                if on_wait is not None and n and got + n < len(view):   # the rest is on its way
-                    on_wait(got + n)
-                    on_wait = None
+                if on_partial is not None and n and got + n < len(view):
+                    on_partial(got + n)
+                    on_partial = None
             else:
                 self._timeout(deadline)
                 nonblocking = False
                 n = self.sock.recv_into(view[got:])
-                spin = not at_boundary and SPIN_S > 0      # woken by new bytes: more may follow
+                spin = may_spin                           # woken by new bytes: more may follow
             if n == 0:
                 if at_boundary and got == 0:
                     raise ConnectionClosed("peer closed the connection")
@@ -471,7 +473,7 @@ class Channel:
             body = memoryview(np.empty(n, np.uint8))
         found = []
         self._fill(body, time.monotonic() + frame_timeout if frame_timeout is not None else deadline,
-                   at_boundary=False, on_wait=(lambda got: found.append(decode_early(body, got))) if early else None)
+                   at_boundary=False, on_partial=(lambda got: found.append(decode_early(body, got))) if early else None)
         self.bytes_received += n + 4
         return body, (found[0] if found else None)
 

@@ -259,7 +259,8 @@ class EdgeServer:
             return {"type": "pong", "id": rid}
         if kind == "probe":
             data = msg.get("data")
-            return {"type": "probe_ack", "id": rid, "n": len(data) if isinstance(data, bytes) else data.nbytes if isinstance(data, memoryview) else 0}
+            return {"type": "probe_ack", "id": rid,
+                    "n": memoryview(data).nbytes if isinstance(data, (bytes, memoryview)) else 0}
         return P.error(P.BAD_REQUEST, f"unknown message type {kind!r}", rid)
 
     def _infer(self, msg: dict, ch: P.Channel) -> dict:
@@ -316,7 +317,7 @@ class EdgeServer:
         except FutureTimeout:
             if not fut.cancel():
                 ch.release_buffer()     # the abandoned run may still read this frame's tensors
-            return P.error(P.TIMEOUT, f"edge did not finish within {timeout:.3f}s", rid)
+            return self._failed(_Expired(), rid, plan_id, timeout)
         except Exception as e:
             return self._failed(e, rid, plan_id, timeout)
         return P.result(rid, out, edge_s, queue_s)
