@@ -2,7 +2,7 @@
 
 Every request the device sends to the edge is a measurement: `bytes` went up in `seconds` of
 round trip (edge compute already subtracted). A small round trip is an RTT sample; a large
-one a bandwidth sample `8 * bytes / (seconds - rtt)`. The estimate is the median of the
+one a bandwidth sample `8 * bytes / (seconds - rtt)` (`rate`). The estimate is the median of the
 last `window` bandwidth samples (one outlier cannot move it, two consecutive ones do), and the RTT
 the minimum of the recent small round trips (queueing only ever adds delay).
 """
@@ -12,6 +12,9 @@ import statistics
 import threading
 import time
 from collections import deque
+
+RTT_DOMINATED = 0.1        # serialization under this share of a transfer's time: not measurable
+PROBE_MAX = 1024 * 1024    # bytes: the largest probe
 
 
 class BandwidthEstimator:
@@ -35,19 +38,27 @@ class BandwidthEstimator:
             with self._lock:
                 self._rtt.append(seconds)
 
-    def add_transfer(self, nbytes: int, seconds: float) -> None:
-        """`nbytes` crossed (up and down) in `seconds` of network round trip."""
+    def add_transfer(self, nbytes: int, seconds: float) -> float | None:
+        """`nbytes` crossed (up and down) in `seconds` of network round trip; the bandwidth
+        sample it gave (bit/s), or None when it was an RTT sample only."""
         if seconds <= 0:
-            return
+            return None
         self.last_sample_at = time.monotonic()
         if nbytes < self.min_bytes:
             self.add_rtt(seconds)      # small: the time is mostly round trip, overheads and jitter
-            return
-        rtt = self.rtt or 0.0
-        # a sample faster than the RTT says the RTT estimate is stale: trust half the time
-        serial = seconds - rtt if seconds - rtt > 0.5 * seconds else 0.5 * seconds
+            return None
+        sample = self.rate(nbytes, seconds)
         with self._lock:
-            self._bw.append(8.0 * nbytes / serial)
+            self._bw.append(sample)
+        return sample
+
+    def rate(self, nbytes: int, seconds: float) -> float:
+        """The bit/s that `nbytes` in `seconds` of round trip say, the RTT taken off. A transfer
+        whose serialization is lost in the RTT (its time minus the RTT under a tenth of its
+        time, or negative: a stale RTT) only says the rate is high: it counts as 10x the naive
+        rate 8*nbytes/seconds, and a probe that sees it sends more (`DeviceRuntime.probe`)."""
+        serial = max(seconds - (self.rtt or 0.0), RTT_DOMINATED * seconds)
+        return 8.0 * nbytes / serial
 
     @property
     def bandwidth(self) -> float | None:
@@ -66,11 +77,15 @@ class BandwidthEstimator:
     def samples(self) -> int:
         return len(self._bw)
 
-    def probe_bytes(self, target_s: float = 0.03, lo: int = 16 * 1024, hi: int = 1024 * 1024) -> int:
-        """How many bytes a probe should send to take about `target_s` at the current estimate."""
-        bw = self.bandwidth
+    def probe_bytes(self, target_s: float = 0.03, lo: int = 16 * 1024, hi: int = PROBE_MAX,
+                    at: float | None = None) -> int:
+        """How many bytes a probe should send to take about `target_s`, or twice the RTT if that
+        is longer (a shorter transfer is timed mostly by the RTT's jitter), at the current
+        estimate (or at `at` bit/s)."""
+        bw = self.bandwidth if at is None else at
         if bw is None:
             return lo
+        target_s = max(target_s, 2.0 * (self.rtt or 0.0))
         return int(min(max(bw * target_s / 8.0, lo), hi))
 
     def __repr__(self) -> str:

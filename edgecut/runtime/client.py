@@ -28,6 +28,10 @@ from edgecut.runtime import protocol as P
 from edgecut.runtime.bandwidth import BandwidthEstimator
 from edgecut.types import Link
 
+PROBE_ROUNDS = 4         # uploads per probe at most
+PROBE_AGREE = 0.25       # two consecutive rates this close (relative) end a probe
+PROBE_BUDGET_S = 0.3     # a probe holds the runtime's lock (requests wait): its time at most
+
 log = logging.getLogger("edgecut.runtime.client")
 
 
@@ -262,7 +266,11 @@ class DeviceRuntime:
 
     # ------------------------------------------------------------------------------ probing
     def probe(self) -> float | None:
-        """Measure the link now (a ping and a small upload); the new bandwidth estimate, or None."""
+        """Measure the link now; the new bandwidth estimate, or None. A ping, then uploads sized
+        to take ~30 ms (or 2 RTT) at the estimate, each sized from the last one's rate, until two
+        in a row agree within 25% (at most PROBE_ROUNDS, within PROBE_BUDGET_S): a rate far from
+        the estimate is found in one probe, not one step per probe interval. The probe at a
+        first request (no estimate yet) sends one upload only, inside that request's deadline."""
         with self._lock:
             if not self._connected(None):
                 return None
@@ -276,11 +284,17 @@ class DeviceRuntime:
             t = time.monotonic()
             self._conn.request({"type": "ping", "id": next(self._ids)}, limit)
             self.estimator.add_rtt(time.monotonic() - t)
-            n = self.estimator.probe_bytes()
-            t = time.monotonic()
-            _, up, down = self._conn.request({"type": "probe", "id": next(self._ids),
-                                              "data": memoryview(np.zeros(n, np.uint8))}, limit)
-            self.estimator.add_transfer(up + down, time.monotonic() - t)
+            n, last, start = self.estimator.probe_bytes(), None, time.monotonic()
+            for _ in range(PROBE_ROUNDS if end is None else 1):
+                t = time.monotonic()
+                _, up, down = self._conn.request({"type": "probe", "id": next(self._ids),
+                                                  "data": memoryview(np.zeros(n, np.uint8))}, limit)
+                sample = self.estimator.add_transfer(up + down, time.monotonic() - t)
+                if sample is None or (last is not None and abs(sample - last) <= PROBE_AGREE * last):
+                    break
+                last, n = sample, self.estimator.probe_bytes(at=sample)
+                if time.monotonic() - start + 8.0 * n / sample + (self.estimator.rtt or 0.0) > PROBE_BUDGET_S:
+                    break
         except (OSError, ProtocolError) as e:
             self._drop(_describe(e, "probing"))
         self._last_activity = time.monotonic()

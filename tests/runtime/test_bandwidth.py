@@ -29,11 +29,22 @@ def test_small_transfers_are_rtt_samples_only():
 def test_stale_rtt_does_not_give_infinite_bandwidth():
     e = BandwidthEstimator()
     e.add_rtt(0.050)
-    e.add_transfer(100_000, 0.040)                            # faster than the "RTT": trust half
-    assert e.bandwidth == 8 * 100_000 / 0.020
+    e.add_transfer(100_000, 0.040)                            # faster than the "RTT": 10x naive
+    assert e.bandwidth == 8 * 100_000 / 0.004
 
 
-def test_probe_size_targets_30ms_within_bounds():
+def test_a_transfer_shorter_than_the_rtt_still_measures_the_rate():
+    # 93.5 kB at 100 Mbit/s over a 20 ms RTT: 7.5 ms of serialization in 27.5 ms; an earlier
+    # rule read such samples as half the rate, and probes crept up ~1.4x per probe interval
+    e = BandwidthEstimator()
+    e.add_rtt(0.020)
+    e.add_transfer(93_500, 0.020 + 8 * 93_500 / 100e6)
+    assert abs(e.bandwidth - 100e6) < 1e3
+
+
+def test_probe_size_targets_30ms_or_two_rtt_within_bounds():
     assert BandwidthEstimator().probe_bytes() == 16 * 1024
     assert BandwidthEstimator(initial_bandwidth=8e6).probe_bytes() == 30_000
     assert BandwidthEstimator(initial_bandwidth=1e10).probe_bytes() == 1024 * 1024
+    assert BandwidthEstimator(initial_bandwidth=8e6, initial_rtt=0.040).probe_bytes() == 80_000
+    assert BandwidthEstimator(initial_bandwidth=8e6).probe_bytes(at=16e6) == 60_000

@@ -110,6 +110,20 @@ def test_idle_probe_notices_a_faster_link(make_server):
         assert rt.plan_history[-1] == "e1/input", (rt.plan_history, rt.estimator)
 
 
+def test_one_probe_finds_a_much_faster_link(make_server):
+    # the estimate says 10 Mbit/s, the link carries 100 Mbit/s with a 20 ms RTT (a bandwidth-delay
+    # product of 250 kB): one probe (a few uploads, each sized from the last one's rate) finds it
+    dims = (32768, 16, 1024, 10)
+    table = make_table(dims, bounds=(0.0, 0.5e6, 10e6))
+    server = make_server(NumpyPart("edge", dims, table))
+    with LinkEmulator(to=server.address, rate=100e6, delay=0.010) as link, \
+            DeviceRuntime(NumpyPart("device", dims, table), edge=link.address, probe_interval=None,
+                          initial_bandwidth=10e6) as rt:
+        bw = rt.probe()
+        assert 75e6 < bw < 125e6, rt.estimator
+        assert 2 <= rt.estimator.samples <= 4, rt.estimator   # uploads until two agreed
+
+
 def test_link_cli(make_server):
     server = make_server()
     proc = subprocess.Popen([sys.executable, "-m", "edgecut", "link", "--listen", "127.0.0.1:0", "--to",
