@@ -30,7 +30,7 @@ from edgecut.types import Link
 
 PROBE_ROUNDS = 4         # uploads per probe at most
 PROBE_AGREE = 0.25       # two consecutive rates this close (relative) end a probe
-PROBE_BUDGET_S = 0.3     # a probe holds the runtime's lock (requests wait): its time at most
+PROBE_BUDGET_S = 0.2     # a probe holds the runtime's lock (requests wait for it): its time at most
 
 log = logging.getLogger("edgecut.runtime.client")
 
