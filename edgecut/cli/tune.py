@@ -1,8 +1,10 @@
 """`edgecut tune MODEL --target T --trials N`: MetaSchedule search for a model's kernels.
 
 The records go to the user's cache (`~/.cache/edgecut/tuning/<target>-<cpu>/`, or --work-dir),
-where every later build for the same target finds them; edgecut's own rule schedule of each
-kernel is measured and recorded too, so a tuned build is never slower than the default one.
+where every later build for the same target finds them. A record is kept only if it makes its
+kernel faster inside the running model than edgecut's default schedule, and only if the tuned
+model is not slower end to end: a tuned build is never slower than the default one (up to the
+noise of that comparison).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--rpc", metavar="HOST:PORT:KEY", default=None,
                    help="measure on a device through a tvm.rpc tracker, e.g. 10.0.0.5:9190:pi4")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to build or run one candidate")
+    p.add_argument("--rounds", type=int, default=30,
+                   help="interleaved runs of the in-place check of the records (default: 30)")
     p.set_defaults(func=run)
 
 
@@ -54,8 +58,13 @@ def run(args) -> int:
                                            keep_params_as_input=True)
     mod, params = relax.frontend.detach_params(mod)
     t0 = time.perf_counter()
-    where = tune(mod, params.get("main", []), args.target, trials=args.trials,
-                 trials_per_task=args.trials_per_task, work_dir=args.work_dir,
-                 rpc=_parse_rpc(args.rpc), timeout_s=args.timeout)
-    print(f"tuned {name} for {args.target} in {time.perf_counter() - t0:.0f} s; records in {where}")
+    res = tune(mod, params.get("main", []), args.target, trials=args.trials,
+               trials_per_task=args.trials_per_task, work_dir=args.work_dir,
+               rpc=_parse_rpc(args.rpc), timeout_s=args.timeout, rounds=args.rounds)
+    print(f"tuned {name} for {args.target} in {time.perf_counter() - t0:.0f} s; records in {res.path}")
+    print(f"kept {len(res.kept)} kernel record(s) that win in the model, dropped {len(res.dropped)} "
+          f"that do not: {', '.join(res.dropped) or '-'}")
+    if res.default_s is not None:
+        print(f"end to end: default {res.default_s * 1e3:.2f} ms, tuned {res.tuned_s * 1e3:.2f} ms"
+              + ("" if res.kept else " (slower or equal: nothing kept)"))
     return 0
