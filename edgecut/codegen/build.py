@@ -13,7 +13,8 @@ The pipeline, top to bottom (`prepare` is shared with `edgecut.codegen.tune`, so
 database recorded there matches the functions built here):
 
     prepare     batch norm into conv weights (edgecut/codegen/rewrites.py), convolutions to
-                NHWC/HWIO, ops -> TIR, fuse
+                NHWC/HWIO, 3x3 stride-1 convolutions to Winograd (edgecut/codegen/winograd.py;
+                its weight transform is lifted), ops -> TIR, fuse
                 producers with their element-wise consumers, lift weight-only work out of main
     weights     run the lifted `main_transform_params` once on the host (layout changes,
                 transposed dense weights): the library never pays for them at run time
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecut import targets as _targets
-from edgecut.codegen import rewrites
+from edgecut.codegen import rewrites, winograd
 from edgecut.targets import Target
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,9 @@ def prepare(mod, num_inputs: int = 1):
         relax.transform.CanonicalizeBindings(),
     ])(mod)
     mod["main"] = rewrites.divide_by_weights_as_multiply(mod, num_inputs)
-    mod = tvm.transform.Sequential([
-        relax.transform.ConvertLayout(DESIRED_LAYOUTS),  # NCHW/OIHW -> NHWC/HWIO
-        relax.transform.LiftTransformParams(),        # weight-only work -> main_transform_params
-    ])(mod)
+    mod = relax.transform.ConvertLayout(DESIRED_LAYOUTS)(mod)  # NCHW/OIHW -> NHWC/HWIO
+    mod = winograd.winograd_conv2d(mod, num_inputs)   # 3x3 stride-1 convs (edgecut/codegen/winograd.py)
+    mod = relax.transform.LiftTransformParams()(mod)  # weight-only work -> main_transform_params
     main_mod = tvm.transform.Sequential([
         relax.transform.LegalizeOps(),                # every op -> a TIR PrimFunc
         relax.transform.AnnotateTIROpPattern(),

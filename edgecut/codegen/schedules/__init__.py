@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from edgecut.codegen.schedules import winograd
 from edgecut.codegen.schedules.common import (has_if_then_else, is_reduction, reduction_size,
                                               vector_lanes)
 from edgecut.codegen.schedules.injective import schedule_injective, schedule_outer_parallel
@@ -42,7 +43,9 @@ def make_schedule(func, target):
     root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
     blocks = list(sch.get_child_blocks(root))
     reds = [b for b in blocks if is_reduction(sch, b)]
-    if len(reds) == 1:
+    if winograd.is_winograd(sch, blocks):  # Winograd data pack / inverse (codegen/winograd.py)
+        winograd.schedule_winograd(sch, blocks, lanes)
+    elif len(reds) == 1:
         _schedule_one_reduction(sch, blocks, reds[0], lanes)
     else:
         _inline_data_movement(sch, blocks)
