@@ -13,8 +13,8 @@ multiply-adds than the direct convolution.
 U depends on the weights only, so `LiftTransformParams` (which must run after this rewrite) takes
 it out of `main`: it is computed once at compile time and `main` receives U as a weight. The
 inverse is marked fusable with its element-wise consumers (bias, residual add, ReLU), the other
-three are opaque to fusion; `edgecut/codegen/schedules/winograd.py` schedules the pack and the
-inverse, the GEMM gets the register-blocked reduction rule.
+three are opaque to fusion; `edgecut/codegen/schedules/winograd.py` schedules all three (they
+are recognised by their blocks' `winograd` annotation).
 
 The transforms are written as explicit sums of the nonzero matrix entries, selected per
 (eps, nu) (pack) or per output pixel in the tile (inverse); the schedule unrolls those loops so the
@@ -150,7 +150,8 @@ def batch_gemm(v, u):
     k = u.shape[3]
     rc = te.reduce_axis((0, c), "rc")
     return te.compute((alpha, alpha, p, k), lambda e, n, pi, ko: te.sum(
-        v[e, n, pi, rc] * u[e, n, rc, ko], axis=rc), name="winograd_batch_gemm")
+        v[e, n, pi, rc] * u[e, n, rc, ko], axis=rc), name="winograd_batch_gemm",
+        attrs={"winograd": "gemm"})
 
 
 def inverse(mm, m: int, batch: int, out_h: int, out_w: int):
