@@ -27,8 +27,8 @@ def register(sub) -> None:
     p.add_argument("--rpc", metavar="HOST:PORT:KEY", default=None,
                    help="measure on a device through a tvm.rpc tracker, e.g. 10.0.0.5:9190:pi4")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to build or run one candidate")
-    p.add_argument("--rounds", type=int, default=30,
-                   help="interleaved runs of the in-place check of the records (default: 30)")
+    p.add_argument("--rounds", type=int, default=100,
+                   help="interleaved runs of the in-place check of the records (default: 100)")
     p.set_defaults(func=run)
 
 

@@ -102,7 +102,7 @@ def open_database(path: str | Path):
 def tune(mod, params, target: Target | str, *, trials: int, num_inputs: int = 1,
          trials_per_task: int | None = None, work_dir: str | Path | None = None,
          rpc: tuple[str, int, str] | None = None, progress: bool = True,
-         timeout_s: float = 120.0, rounds: int = 30) -> TuneResult:
+         timeout_s: float = 120.0, rounds: int = 100) -> TuneResult:
     """Tune the kernels of `mod` (weights as inputs, as for `build`; `params` their values) for
     `target`, keep the records that win in place, and return what was kept.
 
@@ -203,7 +203,7 @@ def _secs(rec) -> float:
 
 
 def select_in_place(mod, params, target: Target | str, main_mod, sources, out_dir, *,
-                    num_inputs: int = 1, rounds: int = 30, margin: float = MARGIN,
+                    num_inputs: int = 1, rounds: int = 100, margin: float = MARGIN,
                     progress: bool = True) -> TuneResult:
     """Keep, per kernel, the record (of each source's best) that makes it fastest *inside the
     running model*, if at least `margin` faster than edgecut's rules; check the tuned model end
