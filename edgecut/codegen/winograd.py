@@ -37,17 +37,17 @@ OPAQUE = 8
 # tiles) and the per-(eps, nu) weights stay small; m = 2 for smaller images; direct below.
 MIN_TILES_M4 = 49     # P at m = 4 (7 x 7 tiles: a 28 x 28 output)
 MIN_TILES_M2 = 36     # P at m = 2 (a 12 x 12 output)
-MIN_CHANNELS = 16     # C and K: below, the transforms cost more than the multiplies saved
+MIN_CHANNELS_M4 = 16  # C and K: below, the transforms cost more than the multiplies saved
+MIN_CHANNELS_M2 = 32  # (m = 2 expands the input 4x, m = 4 2.25x: its transforms weigh more)
 
 
 def choose_tile(out_h: int, out_w: int, in_c: int, out_c: int) -> int:
     """The Winograd output tile m (4 or 2) for a 3x3 stride-1 convolution with this output
     size and these channels, or 0 for the direct convolution."""
-    if min(in_c, out_c) < MIN_CHANNELS:
-        return 0
-    if _tiles(out_h, 4) * _tiles(out_w, 4) >= MIN_TILES_M4:
+    channels = min(in_c, out_c)
+    if channels >= MIN_CHANNELS_M4 and _tiles(out_h, 4) * _tiles(out_w, 4) >= MIN_TILES_M4:
         return 4
-    if _tiles(out_h, 2) * _tiles(out_w, 2) >= MIN_TILES_M2:
+    if channels >= MIN_CHANNELS_M2 and _tiles(out_h, 2) * _tiles(out_w, 2) >= MIN_TILES_M2:
         return 2
     return 0
 
@@ -129,15 +129,17 @@ def data_pack(x, m: int, pad_top: int, pad_left: int, out_h: int, out_w: int):
                                  tirx.const(0.0, x.dtype))
     xp = te.compute((n_b, ph, pw, c), padded, name="winograd_pad", attrs={"winograd": "pad"})
 
-    def pack(eps, nu, p, ci):
+    def rows(eps, r2, p, ci):  # T[eps, r2] = sum_r1 B[r1, eps] * d[r1, r2]
         nb, t = p // (th * tw), p % (th * tw)
         y0, x0 = (t // tw) * m, (t % tw) * m
+        return _select(eps, r2, alpha, 1, lambda e, _: _lin(
+            b[:, e], [xp[nb, y0 + r1, x0 + r2, ci] for r1 in range(alpha)]))
+    tr = te.compute((alpha, alpha, n_b * th * tw, c), rows, name="winograd_pack_rows",
+                    attrs={"winograd": "pack_rows"})
 
-        def leaf(e, n):  # sum_r2 B[r2, n] * (sum_r1 B[r1, e] * d[r1, r2])
-            cols = [_lin(b[:, e], [xp[nb, y0 + r1, x0 + r2, ci] for r1 in range(alpha)])
-                    for r2 in range(alpha)]
-            return _lin(b[:, n], cols)
-        return _select(eps, nu, alpha, alpha, leaf)
+    def pack(eps, nu, p, ci):  # V[eps, nu] = sum_r2 B[r2, nu] * T[eps, r2]
+        return _select(nu, eps, alpha, 1, lambda n, _: _lin(
+            b[:, n], [tr[eps, r2, p, ci] for r2 in range(alpha)]))
     return te.compute((alpha, alpha, n_b * th * tw, c), pack, name="winograd_data_pack",
                       attrs={"winograd": "data_pack"})
 

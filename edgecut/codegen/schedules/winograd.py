@@ -38,7 +38,8 @@ def schedule_winograd(sch, blocks, lanes: int) -> None:
     if "data_pack" in roles:
         if "pad" in roles:
             sch.compute_inline(blocks[roles.index("pad")])
-        _schedule_pack(sch, blocks[roles.index("data_pack")], lanes)
+        _schedule_pack(sch, blocks[roles.index("pack_rows")], blocks[roles.index("data_pack")],
+                       lanes)
         return
     if "gemm" in roles:
         _schedule_gemm(sch, blocks[roles.index("gemm")], lanes)
@@ -55,12 +56,18 @@ def _role(sch, block) -> str | None:
     return None if role is None else str(role)
 
 
-def _schedule_pack(sch, block, lanes: int) -> None:
+def _schedule_pack(sch, rows, block, lanes: int) -> None:
     eps, nu, p, c = sch.get_loops(block)
     v = pow2_divisor(extent(sch, c), lanes)
     c_o, c_i = sch.split(c, [None, v])
     sch.reorder(p, c_o, eps, nu, c_i)
     sch.parallel(sch.fuse(p, c_o))
+    # the alpha row sums T[eps, :] of one eps: alpha vectors, on the stack (in registers)
+    sch.compute_at(rows, eps, preserve_unit_loops=True)
+    r_loops = sch.get_loops(rows)[3:]      # (eps row, r2, p, c) inside the task's loops
+    for lp in r_loops[:-1]:
+        sch.unroll(lp)
+    sch.vectorize(r_loops[-1])
     sch.unroll(eps)
     sch.unroll(nu)
     sch.vectorize(c_i)
