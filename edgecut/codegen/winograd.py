@@ -6,7 +6,7 @@ multiply-adds than the direct convolution.
 `call_tir`s (alpha = m + 2, P = output tiles of m x m):
 
     U = winograd_weight_transform(W)      G g G^T            [alpha, alpha, C, K]  weight-only
-    V = winograd_data_pack(x)             pad, B^T d B       [alpha, alpha, P, C]
+    V = winograd_data_pack(x)             pad, B^T (d B)     [alpha, alpha, P, C]
     M = winograd_batch_gemm(V, U)         per (eps, nu): V @ U [alpha, alpha, P, K]
     y = winograd_inverse(M)               A^T m A, cropped   [N, H', W', K]
 
@@ -16,9 +16,11 @@ inverse is marked fusable with its element-wise consumers (bias, residual add, R
 three are opaque to fusion; `edgecut/codegen/schedules/winograd.py` schedules all three (they
 are recognised by their blocks' `winograd` annotation).
 
-The transforms are written as explicit sums of the nonzero matrix entries, selected per
-(eps, nu) (pack) or per output pixel in the tile (inverse); the schedule unrolls those loops so the
-selections fold to constants and LLVM shares the partial sums (the separable form B^T (d B)).
+The transforms are written as explicit sums of the nonzero matrix entries (no multiplies by 0
+or 1), selected per row of B (the pack runs in two stages, rows then columns: one 36-way
+selection of 36-term sums took LLVM 5 s per kernel) or per output pixel of the tile (inverse);
+the schedule unrolls those loops, so the selections fold to constants and LLVM shares the loads
+and partial sums.
 
 Must run after `ConvertLayout` to NHWC/HWIO and before `LiftTransformParams` and `LegalizeOps`.
 """
@@ -32,9 +34,10 @@ import numpy as np
 OUT_EWISE_FUSABLE = 4
 OPAQUE = 8
 
-# The tile rule (measured on ResNet-18's shapes, see bench/NOTES-codegen.md "v6"): m = 4 when it
-# leaves enough tiles for the GEMM to reuse each weight vector (its register block runs over
-# tiles) and the per-(eps, nu) weights stay small; m = 2 for smaller images; direct below.
+# The tile rule, measured on ResNet-18's and AlexNet's shapes (bench/NOTES-codegen.md, v7):
+# m = 4 when there are enough tiles for the GEMM to reuse each weight vector (its register block
+# runs over tiles); m = 2 for smaller images; direct below (7 x 7: weight-bound, and m = 2's
+# weights are 16/9 of the direct ones).
 MIN_TILES_M4 = 49     # P at m = 4 (7 x 7 tiles: a 28 x 28 output)
 MIN_TILES_M2 = 36     # P at m = 2 (a 12 x 12 output)
 MIN_CHANNELS_M4 = 16  # C and K: below, the transforms cost more than the multiplies saved

@@ -2,13 +2,14 @@
 `winograd` annotation: data pack, batched GEMM (the register-blocked micro-kernel of
 `reduction.py`, loops reordered, see `_schedule_gemm`) and inverse.
 
-Data pack (blocks `winograd_pad`, `winograd_data_pack`, V[eps, nu, p, c]):
+Data pack (blocks `winograd_pad`, `winograd_pack_rows`, `winograd_data_pack`, V[eps, nu, p, c]):
 
-    pad: inlined into the pack (bounds checks per load: measured faster than a padded copy,
-         0.037 against 0.063 ms for 64 channels at 56 x 56)
+    pad: inlined (bounds checks per load: measured faster than a padded copy, 0.037 against
+         0.063 ms for 64 channels at 56 x 56)
     parallel  for p, c_o                   # one tile, one vector of channels per iteration
-      unroll  for eps, nu                  # selections of B's entries fold to constants
-        vector  for c_i                    # alpha^2 input vectors loaded, shared by all outputs
+      unroll  for eps
+        unroll  for r2: vector T[r2] = sum_r1 B[r1, eps] d[r1, r2]   # alpha vectors, stack
+        unroll  for nu: vector V[eps, nu] = sum_r2 B[r2, nu] T[r2]   # selections fold
 
 Inverse (block `winograd_inverse` and its fused element-wise consumers, y[b, h, w, k]):
 
