@@ -24,6 +24,7 @@ predicate, so any shape schedules.
 from __future__ import annotations
 
 from edgecut.codegen.schedules.common import extent, pow2_divisor
+from edgecut.codegen.schedules.injective import schedule_injective
 from edgecut.codegen.schedules.reduction import pack_weights, plan_tiles
 
 KEY, TILE = "winograd", "winograd_tile"  # block annotations set by codegen/winograd.py
@@ -46,10 +47,16 @@ def schedule_winograd(sch, blocks, lanes: int) -> None:
         _schedule_gemm(sch, blocks[roles.index("gemm")], lanes)
         return
     idx = roles.index("inverse")
+    left = []
     for b in reversed(blocks[idx + 1:]):  # bias, residual, ReLU: one expression per output
-        sch.reverse_compute_inline(b)
+        try:
+            sch.reverse_compute_inline(b)
+        except Exception:  # noqa: BLE001 - not element-wise: its own flat loop after the inverse
+            left.append(b)
     inv = blocks[idx]
     _schedule_inverse(sch, inv, int(sch.get(inv).annotations[TILE]), lanes)
+    for b in left:
+        schedule_injective(sch, b, lanes)
 
 
 def _role(sch, block) -> str | None:
