@@ -4,8 +4,9 @@ Two feature sets per node:
 - Edgent's (the paper's Table 1), as `annotate_layers` wrote them in `meta.FEATURES`:
   conv x1 = input feature-map elements, x2 = (kernel/stride)^2 * filters; linear and pool
   (input size, output size); relu, lrn, dropout (input size,).
-- The work features used by edgecut's default regressors (`WORK`): MACs, input elements,
-  output elements and parameter elements. Latency of compiled code is close to a power law of
+- The work features used by edgecut's default regressors (`WORK`): MACs (those the built code
+  does: Winograd convolutions do fewer, `winograd_share`), input elements, output elements and
+  parameter elements. Latency of compiled code is close to a power law of
   these, which a linear model on their logarithms captures.
 
 Fusion: TVM's FuseOps folds elementwise ops (relu, batchnorm at inference, residual add, ...)
@@ -52,11 +53,30 @@ def work_features(node) -> dict:
     cin = a.get("in_channels", a.get("in_features", shape[1] if len(shape) > 1 else 1))
     cout = a.get("out_channels", a.get("out_features", shape[1] if len(shape) > 1 else 1))
     groups = a.get("groups", 1) or 1
+    macs = float(m.get(M.MACS, 0)) * winograd_share(m.get(M.KIND), a, shape)
     return {"cin_align": float(_align(cin)), "cout_align": float(_align(cout)),
-            "cin_per_group": float(max(1, int(cin) // int(groups))),"macs": float(m.get(M.MACS, 0)), "in_elems": float(m.get(M.IN_ELEMS, 0)),
+            "cin_per_group": float(max(1, int(cin) // int(groups))), "macs": macs,
+            "in_elems": float(m.get(M.IN_ELEMS, 0)),
             "out_elems": float(M.elements(m.get(M.SHAPE))), "params": float(m.get(M.PARAMS, 0)),
             "cin": float(cin), "cout": float(cout), "kernel": float(math.prod(a.get("kernel", (1,)))),
             "stride": float(math.prod(a.get("stride", (1,)))), "hw": float(math.prod(shape[2:]) if shape else 1)}
+
+
+def winograd_share(kind, attrs: dict, shape) -> float:
+    """The share of a convolution's direct multiply-adds that the built code does: edgecut's
+    build runs 3x3 stride-1 convolutions as Winograd F(m x m, 3 x 3) where
+    `edgecut.codegen.winograd.choose_tile` says so, (m + 2)^2 / (9 m^2) of the multiplies
+    (0.25 at m = 4, 0.44 at m = 2); 1 for every other layer."""
+    if kind != M.CONV or len(shape) != 4 or tuple(attrs.get("kernel", ())) != (3, 3):
+        return 1.0
+    if tuple(attrs.get("stride", ())) != (1, 1) or tuple(attrs.get("dilation", (1, 1))) != (1, 1):
+        return 1.0
+    if attrs.get("groups", 1) != 1:
+        return 1.0
+    from edgecut.codegen.winograd import choose_tile
+
+    t = choose_tile(shape[2], shape[3], int(attrs.get("in_channels", 0)), int(attrs.get("out_channels", 0)))
+    return (t + 2) ** 2 / (9.0 * t * t) if t else 1.0
 
 
 def edgent_features(node) -> tuple:

@@ -117,7 +117,7 @@ def _module_attrs(mod: nn.Module, kind: str) -> tuple[str, dict, str]:
     a: dict = {}
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         a = {"kernel": tuple(mod.kernel_size), "stride": tuple(mod.stride), "groups": mod.groups,
-             "in_channels": mod.in_channels, "out_channels": mod.out_channels}
+             "dilation": tuple(mod.dilation), "in_channels": mod.in_channels, "out_channels": mod.out_channels}
         if mod.groups > 1 and mod.groups == mod.in_channels:
             kind = M.DWCONV
     elif isinstance(mod, nn.Linear):
