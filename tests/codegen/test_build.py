@@ -13,6 +13,7 @@ from torch import nn
 
 from edgecut.codegen.build import build
 from edgecut.codegen.schedules import plan_tiles
+from vmrun import run_built
 
 
 def _import(model, shape):
@@ -22,15 +23,6 @@ def _import(model, shape):
     mod = relax.frontend.torch.from_fx(torch.fx.symbolic_trace(model), [(shape, "float32")],
                                        keep_params_as_input=True)
     return relax.frontend.detach_params(mod)
-
-
-def _run(built, x):
-    import tvm
-    from tvm import relax
-
-    vm = relax.VirtualMachine(built.executable, tvm.cpu())
-    out = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(p) for p in built.params])
-    return out.numpy() if hasattr(out, "numpy") else out[0].numpy()
 
 
 def _randomize_bn(model):
@@ -52,7 +44,7 @@ def _check(model, shape, target="local"):
     x = np.random.default_rng(0).standard_normal(shape).astype("float32")
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    out = _run(built, x)
+    out = run_built(built, x)
     assert out.shape == ref.shape
     scale = max(float(np.abs(ref).max()), 1e-6)
     assert float(np.abs(out - ref).max()) <= 1e-4 * scale, (float(np.abs(out - ref).max()), scale)
@@ -178,7 +170,7 @@ def test_unscheduled_default_still_available():
     built = build(mod, params["main"], "local", schedule=False)
     x = np.ones((1, 3, 8, 8), "float32")
     with torch.no_grad():
-        np.testing.assert_allclose(_run(built, x), model(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(run_built(built, x), model(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("extents,lanes,expect", [

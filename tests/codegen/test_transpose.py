@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from edgecut.codegen.schedules.injective import read_contiguous_axis, schedule_injective
+from vmrun import run_built
 
 
 def _transpose_func(shape, perm):
@@ -52,7 +53,6 @@ class PermuteScale(nn.Module):
 
 
 def test_transposes_in_a_built_model_match_torch():
-    import tvm
     import tvm.relax.frontend.torch  # noqa: F401
     from tvm import relax
 
@@ -65,8 +65,7 @@ def test_transposes_in_a_built_model_match_torch():
     mod, params = relax.frontend.detach_params(mod)
     built = build(mod, params["main"], "local", tuning_dir=False)
     x = np.random.default_rng(1).standard_normal(shape).astype("float32")
-    vm = relax.VirtualMachine(built.executable, tvm.cpu())
-    out = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(p) for p in built.params]).numpy()
+    out = run_built(built, x)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     assert float(np.abs(out - ref).max()) <= 1e-4 * float(np.abs(ref).max())

@@ -10,6 +10,7 @@ from torch import nn
 
 from edgecut.codegen import winograd
 from edgecut.codegen.build import build, prepare
+from vmrun import run_built
 
 
 def _import(model, shape):
@@ -67,12 +68,8 @@ def test_numerics_against_torch(force_tile, m, c, k, h, w, pad, bias, residual, 
     main_mod, _, _ = prepare(mod)
     assert _count(main_mod, "winograd_batch_gemm") == 1
     built = build(mod, params["main"], "local", tuning_dir=False)
-    import tvm
-    from tvm import relax
-
     x = np.random.default_rng(0).standard_normal(shape).astype("float32")
-    vm = relax.VirtualMachine(built.executable, tvm.cpu())
-    out = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(p) for p in built.params]).numpy()
+    out = run_built(built, x)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     scale = float(np.abs(ref).max())
