@@ -24,6 +24,8 @@ from edgecut.codegen.schedules.common import COMM_REDUCE, extent, pow2_divisor, 
 
 MAX_ACC_VECTORS = 24
 MIN_PARALLEL_WORK = 65536  # multiply-adds below which one thread is faster than waking the pool
+LIGHT_WEIGHTS = 49  # reduction points per output up to which (depthwise, pooling) weights are no reason to
+                   # keep channel tiles outermost
 MAX_REG = 16  # pixels in a register block
 VEC_CANDIDATES = (8, 7, 6, 5, 4, 3, 2)
 # TVM keeps a buffer on the stack (where LLVM promotes it to registers) only below 1024 bytes;
@@ -95,6 +97,8 @@ def schedule_reduction(sch, block, lanes: int) -> bool:
             outer.append(lp)
     if vec_outer is None:  # nothing longer than 1: a scalar reduction
         inner_vec = []
+    elif reduction_size(sch, block) <= LIGHT_WEIGHTS:
+        outer.append(vec_outer)     # few weights per channel tile: tasks walk the input in order
     else:
         outer.insert(0, vec_outer)  # channel tiles outermost: their weights stay in cache
     sch.reorder(*outer, *reduce, *inner, *inner_vec)
