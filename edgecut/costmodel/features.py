@@ -99,6 +99,16 @@ def fused_into(node) -> bool:
                and (a.meta.get(M.KIND) not in ELEMENTWISE or is_elementwise(a)) for a in producers)
 
 
+def folded_into_conv(node) -> bool:
+    """True for a batch norm applied to a convolution's output: edgecut's build folds it into the
+    convolution's weights and bias at compile time (`codegen.rewrites.fold_batch_norm_into_conv`),
+    so at run time it costs nothing, not even a fused epilogue."""
+    if node.meta.get(M.KIND) != M.BN:
+        return False
+    producers = [a for a in node.all_input_nodes if a.op not in ("get_attr",)]
+    return bool(producers) and producers[0].meta.get(M.KIND) in (M.CONV, M.DWCONV)
+
+
 def work_matrix(rows: list[dict], columns=WORK) -> np.ndarray:
     """Stack feature dicts into an (n, len(columns)) float array."""
     return np.array([[float(r[k]) for k in columns] for r in rows], dtype=float).reshape(len(rows), len(columns))

@@ -16,7 +16,7 @@ import warnings
 
 import torch.fx as fx
 
-from edgecut.costmodel.features import edgent_features, fused_into, work_features
+from edgecut.costmodel.features import edgent_features, folded_into_conv, fused_into, work_features
 from edgecut.costmodel.profile import Profile, check_calibrated, load_profile
 from edgecut.frontend import meta as M
 
@@ -25,6 +25,8 @@ def node_seconds(node: fx.Node, prof: Profile, missing: dict | None = None) -> f
     """Predicted seconds of one annotated node under `prof`."""
     kind = node.meta[M.KIND]
     if kind in M.NO_COST_KINDS:
+        return 0.0
+    if folded_into_conv(node):
         return 0.0
     work = work_features(node)
     if fused_into(node):

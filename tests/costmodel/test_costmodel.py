@@ -11,7 +11,7 @@ import edgecut
 from edgecut import costmodel
 from edgecut.costmodel import paper, regressors
 from edgecut.costmodel.calibrate import fit_profile, fused_epilogue
-from edgecut.costmodel.features import fused_into, work_features
+from edgecut.costmodel.features import folded_into_conv, fused_into, work_features
 from edgecut.costmodel.microbench import Sample
 from edgecut.costmodel.profile import Profile
 from edgecut.errors import ProfileError
@@ -45,6 +45,19 @@ def test_features_of_known_layers():
     assert work_features(n["_4"])["params"] == 512 * 10 + 10
     # TVM fuses bn and relu into the conv; flatten after relu fuses too; the conv and linear do not
     assert [fused_into(n[k]) for k in ("_0", "_1", "_2", "_4")] == [False, True, True, False]
+
+
+def test_batch_norm_after_a_conv_is_folded_and_free():
+    # the build folds it into the conv's weights (codegen.rewrites); after a linear it stays
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(8 * 16 * 16, 10), nn.BatchNorm1d(10)).eval()
+    gm = edgecut.trace(m, torch.randn(2, 3, 16, 16))
+    n = nodes(gm)
+    assert [folded_into_conv(n[k]) for k in ("_0", "_1", "_2", "_5")] == [False, True, False, False]
+    prof = costmodel.load_profile("local")
+    annotate_cost(gm, prof, prof)
+    assert n["_1"].meta[meta.DEVICE_S] == 0.0
+    assert n["_2"].meta[meta.DEVICE_S] > 0 and n["_5"].meta[meta.DEVICE_S] > 0
 
 
 def test_fitting_recovers_known_coefficients():
