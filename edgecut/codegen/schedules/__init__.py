@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 
 from edgecut.codegen.schedules import winograd
-from edgecut.codegen.schedules.common import (has_if_then_else, is_reduction, reduction_size,
-                                              vector_lanes)
+from edgecut.codegen.schedules.common import (LIGHT_REDUCTION, has_if_then_else, is_reduction,
+                                              reduction_size, vector_lanes)
 from edgecut.codegen.schedules.injective import schedule_injective, schedule_outer_parallel
 from edgecut.codegen.schedules.reduction import plan_tiles, schedule_reduction
 
 log = logging.getLogger(__name__)
 
-LIGHT_REDUCTION = 49  # reduction points per output up to which padding is inlined (7x7 window)
 
 __all__ = ["schedule_module", "schedule_func", "make_schedule", "vector_lanes", "plan_tiles"]
 

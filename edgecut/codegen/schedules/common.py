@@ -3,6 +3,10 @@ from __future__ import annotations
 
 DATA_PAR = 0     # tirx.IterVar.DataPar
 COMM_REDUCE = 2  # tirx.IterVar.CommReduce
+# Reduction points per output up to which a reduction is "light" (pooling, depthwise; a 7x7
+# window at most): its padding is inlined rather than copied, and its few weights are no reason
+# to keep channel tiles outermost, so its tasks walk the input in pixel order.
+LIGHT_REDUCTION = 49
 
 
 def vector_lanes(target, bits: int = 32) -> int:
@@ -14,14 +18,6 @@ def vector_lanes(target, bits: int = 32) -> int:
     except Exception:  # noqa: BLE001 - a non-LLVM target: no vector hint
         width = 128
     return max(1, width // bits)
-
-
-def largest_divisor(extent: int, candidates) -> int:
-    """The first of `candidates` (largest first) that divides `extent`; 1 if none does."""
-    for c in candidates:
-        if c >= 1 and extent % c == 0:
-            return c
-    return 1
 
 
 def pow2_divisor(extent: int, limit: int) -> int:

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 from tvm.tirx import IndexMap
 
-from edgecut.codegen.schedules.common import COMM_REDUCE, extent, pow2_divisor, reduction_size
+from edgecut.codegen.schedules.common import (COMM_REDUCE, LIGHT_REDUCTION, extent, pow2_divisor,
+                                              reduction_size)
 
 MAX_ACC_VECTORS = 24
 MIN_PARALLEL_WORK = 65536  # multiply-adds below which one thread is faster than waking the pool
-LIGHT_WEIGHTS = 49  # reduction points per output up to which (depthwise, pooling) weights are no reason to
-                   # keep channel tiles outermost
 MAX_REG = 16  # pixels in a register block
 VEC_CANDIDATES = (8, 7, 6, 5, 4, 3, 2)
 # TVM keeps a buffer on the stack (where LLVM promotes it to registers) only below 1024 bytes;
@@ -83,8 +82,9 @@ def schedule_reduction(sch, block, lanes: int) -> bool:
         spatial_vars = [iv.var for iv in iters if int(iv.iter_type) != COMM_REDUCE]
         pack_weights(sch, block, spatial_vars[vec_axis], nvec * v)
 
+    points = reduction_size(sch, block)
     outer, inner = [], []
-    vec_outer = vec_inner = None
+    vec_outer = None
     for i, lp in enumerate(spatial):
         if i == vec_axis:
             vec_outer, vm, vi = sch.split(lp, [None, nvec, v])
@@ -97,7 +97,7 @@ def schedule_reduction(sch, block, lanes: int) -> bool:
             outer.append(lp)
     if vec_outer is None:  # nothing longer than 1: a scalar reduction
         inner_vec = []
-    elif reduction_size(sch, block) <= LIGHT_WEIGHTS:
+    elif points <= LIGHT_REDUCTION:
         outer.append(vec_outer)     # few weights per channel tile: tasks walk the input in order
     else:
         outer.insert(0, vec_outer)  # channel tiles outermost: their weights stay in cache
@@ -105,7 +105,7 @@ def schedule_reduction(sch, block, lanes: int) -> bool:
 
     _attach_epilogue(sch, block, outer[-1], len(outer), lanes)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    work = reduction_size(sch, block)
+    work = points
     for e in ext:
         work *= e
     if extent(sch, fused) > 1 and work >= MIN_PARALLEL_WORK:
@@ -175,5 +175,3 @@ def _attach_epilogue(sch, block, loop, n_outer: int, lanes: int) -> None:
                 sch.vectorize(vi)
             elif v == e:
                 sch.vectorize(fused)
-
-
