@@ -5,13 +5,14 @@ at compile time, and put operators in forms that fuse into the convolution kerne
 from __future__ import annotations
 
 
-def _weight_only(mutator, e, weights: set, memo: dict) -> bool:
+def weight_only(mutator, e, weights: set, memo: dict) -> bool:
     """True if the Relax expression `e` (seen from inside `mutator`, a PyExprMutator) is computed
-    from weights and constants only, so `LiftTransformParams` can take it out of `main`."""
+    from weights and constants only, so `LiftTransformParams` can take it out of `main`. Used by
+    the rewrites here and by `codegen/winograd.py`."""
     from tvm import relax
 
     kind = type(e).__name__
-    if kind in ("GenericConst", "Constant", "PrimValue", "StringImm"):
+    if kind in ("GenericConst", "Constant", "PrimValue", "StringImm", "ShapeExpr"):
         return True
     if isinstance(e, relax.Var):
         if e in weights:
@@ -19,12 +20,12 @@ def _weight_only(mutator, e, weights: set, memo: dict) -> bool:
         if e not in memo:
             memo[e] = False  # cycles cannot occur in dataflow, but stay safe
             bound = mutator.lookup_binding(e)
-            memo[e] = bound is not None and _weight_only(mutator, bound, weights, memo)
+            memo[e] = bound is not None and weight_only(mutator, bound, weights, memo)
         return memo[e]
     if isinstance(e, relax.Call):
-        return all(_weight_only(mutator, a, weights, memo) for a in e.args)
+        return all(weight_only(mutator, a, weights, memo) for a in e.args)
     if isinstance(e, relax.TupleGetItem):
-        return _weight_only(mutator, e.tuple_value, weights, memo)
+        return weight_only(mutator, e.tuple_value, weights, memo)
     return False
 
 
@@ -65,7 +66,7 @@ def fold_batch_norm_into_conv(mod, num_inputs: int):
             if (a.kernel_layout.find("O") < 0 or len(a.out_layout) != 4
                     or int(bn.attrs.axis) % 4 != a.out_layout.find("C")):
                 return new
-            if not all(_weight_only(self, w, weights, self.memo)
+            if not all(weight_only(self, w, weights, self.memo)
                        for w in (conv.args[1], *bn.args[1:])):
                 return new
             return self.fold(conv, bn)
@@ -142,15 +143,12 @@ def divide_by_weights_as_multiply(mod, num_inputs: int):
             super().__init__(m)
             self.memo = {}
 
-        def weight_only(self, e) -> bool:
-            return _weight_only(self, e, weights, self.memo)
-
         def visit_call_(self, call):
             call = super().visit_call_(call)
             if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(divide)):
                 return call
             x, w = call.args
-            if not self.weight_only(w) or self.weight_only(x):
+            if not weight_only(self, w, weights, self.memo) or weight_only(self, x, weights, self.memo):
                 return call
             one = relax.const(1.0, w.ty.dtype)
             return relax.op.multiply(x, self.builder_.normalize(relax.op.divide(one, w)))

@@ -30,6 +30,8 @@ import functools
 
 import numpy as np
 
+from edgecut.codegen.rewrites import weight_only
+
 # op_pattern values of tvm.relax (tvm/relax/op_attr_types.h)
 OUT_EWISE_FUSABLE = 4
 OPAQUE = 8
@@ -200,19 +202,6 @@ def winograd_conv2d(mod, num_inputs: int, tile_rule=None):
             self.memo = {}
             self.fired = 0
 
-        def weight_only(self, e) -> bool:
-            if isinstance(e, relax.Var):
-                if e in weights:
-                    return True
-                if e not in self.memo:
-                    self.memo[e] = False
-                    bound = self.lookup_binding(e)
-                    self.memo[e] = bound is not None and self.weight_only(bound)
-                return self.memo[e]
-            if isinstance(e, relax.Call):
-                return all(self.weight_only(a) for a in e.args)
-            return type(e).__name__ in ("GenericConst", "Constant", "PrimValue", "ShapeExpr")
-
         def visit_call_(self, call):
             call = super().visit_call_(call)
             plan = self.plan(call)
@@ -232,7 +221,7 @@ def winograd_conv2d(mod, num_inputs: int, tile_rule=None):
                     e.ty.dtype != "float32" for e in (x, w, call)):
                 return None
             (_, _, _, c), (kh, kw, _, k), (_, oh, ow, _) = shapes
-            if (kh, kw) != (3, 3) or not self.weight_only(w):
+            if (kh, kw) != (3, 3) or not weight_only(self, w, weights, self.memo):
                 return None
             m = tile_rule(oh, ow, c, k)
             return (m, [int(p) for p in a.padding], shapes) if m else None
