@@ -216,11 +216,12 @@ def select_in_place(mod, params, target: Target | str, main_mod, sources, out_di
     kernels = _kernels(main_mod)
     x = _inputs(mod, num_inputs)
     default = build(mod, params, t, num_inputs=num_inputs, tuning_dir=False)
-    ref = _runner(default)(x)[0]
+    run_default = _runner(default)
+    ref = run_default(x)[0]
     cands, tmp = [], tempfile.mkdtemp(prefix="edgecut-tune-")
     try:
         for i, db in enumerate(sources):
-            recs = {n: r for n, r in _best_records(main_mod, tvm_target, [db]).items()}
+            recs = _best_records(main_mod, tvm_target, [db])
             if not recs:
                 continue
             d = Path(tmp) / f"cand{i}"
@@ -230,7 +231,7 @@ def select_in_place(mod, params, target: Target | str, main_mod, sources, out_di
                 log.warning("tune: the records of source %d change the model's outputs; ignored", i)
                 continue
             cands.append((recs, run))
-        times = _kernel_times([_runner(default)] + [c[1] for c in cands], x, rounds, progress)
+        times = _kernel_times([run_default] + [c[1] for c in cands], x, rounds, progress)
         chosen, secs = {}, {}
         for name in kernels:
             t_def = times[0].get(name)
