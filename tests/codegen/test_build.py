@@ -13,16 +13,7 @@ from torch import nn
 
 from edgecut.codegen.build import build
 from edgecut.codegen.schedules import plan_tiles
-from vmrun import run_built
-
-
-def _import(model, shape):
-    import tvm.relax.frontend.torch  # noqa: F401
-    from tvm import relax
-
-    mod = relax.frontend.torch.from_fx(torch.fx.symbolic_trace(model), [(shape, "float32")],
-                                       keep_params_as_input=True)
-    return relax.frontend.detach_params(mod)
+from vmrun import import_relax, run_built
 
 
 def _randomize_bn(model):
@@ -39,7 +30,7 @@ def _randomize_bn(model):
 
 def _check(model, shape, target="local"):
     model = _randomize_bn(model)
-    mod, params = _import(model, shape)
+    mod, params = import_relax(model, shape)
     built = build(mod, params["main"], target, tuning_dir=False)
     x = np.random.default_rng(0).standard_normal(shape).astype("float32")
     with torch.no_grad():
@@ -135,7 +126,7 @@ def test_batch_norm_folds_into_the_convolution():
     """conv + batch norm leaves one kernel whose epilogue is an add: the scale is in the weights."""
     from edgecut.codegen.build import prepare
 
-    mod, _ = _import(_randomize_bn(nn.Sequential(ConvBnRelu(8, 16, 3), DepthwiseBlock(16, 2))),
+    mod, _ = import_relax(_randomize_bn(nn.Sequential(ConvBnRelu(8, 16, 3), DepthwiseBlock(16, 2))),
                      (1, 8, 10, 10))
     main, _, _ = prepare(mod)
     kernels = [gv.name_hint for gv in main.get_global_vars() if "conv2d" in gv.name_hint]
@@ -166,7 +157,7 @@ def test_weights_are_repacked_once_at_compile_time():
 
 def test_unscheduled_default_still_available():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
-    mod, params = _import(model, (1, 3, 8, 8))
+    mod, params = import_relax(model, (1, 3, 8, 8))
     built = build(mod, params["main"], "local", schedule=False)
     x = np.ones((1, 3, 8, 8), "float32")
     with torch.no_grad():
@@ -194,7 +185,7 @@ def test_aarch64_cross_build_uses_neon(tmp_path):
         pytest.skip("needs gcc-aarch64-linux-gnu")
     model = _randomize_bn(nn.Sequential(ConvBnRelu(3, 16, 3), nn.MaxPool2d(2), nn.Flatten(),
                                         nn.Linear(16 * 8 * 8, 32)))
-    mod, params = _import(model, (1, 3, 16, 16))
+    mod, params = import_relax(model, (1, 3, 16, 16))
     built = build(mod, params["main"], "pi4", tuning_dir=False)
     assert built.target.name == "pi4"
     lib = tmp_path / "seg.so"

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from edgecut.codegen.schedules.injective import read_contiguous_axis, schedule_injective
-from vmrun import run_built
+from vmrun import import_relax, run_built
 
 
 def _transpose_func(shape, perm):
@@ -53,16 +53,11 @@ class PermuteScale(nn.Module):
 
 
 def test_transposes_in_a_built_model_match_torch():
-    import tvm.relax.frontend.torch  # noqa: F401
-    from tvm import relax
-
     from edgecut.codegen.build import build
 
     model = nn.Sequential(PermuteScale(), nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU()).eval()
     shape = (1, 3, 40, 48)
-    mod = relax.frontend.torch.from_fx(torch.fx.symbolic_trace(model), [(shape, "float32")],
-                                       keep_params_as_input=True)
-    mod, params = relax.frontend.detach_params(mod)
+    mod, params = import_relax(model, shape)
     built = build(mod, params["main"], "local", tuning_dir=False)
     x = np.random.default_rng(1).standard_normal(shape).astype("float32")
     out = run_built(built, x)

@@ -9,15 +9,11 @@ from torch import nn
 
 from edgecut.codegen import tune as T
 from edgecut.codegen.build import build, prepare
+from vmrun import import_relax
 
 
 def _import(model, shape):
-    import tvm.relax.frontend.torch  # noqa: F401
-    from tvm import relax
-
-    mod = relax.frontend.torch.from_fx(torch.fx.symbolic_trace(model.eval()), [(shape, "float32")],
-                                       keep_params_as_input=True)
-    mod, params = relax.frontend.detach_params(mod)
+    mod, params = import_relax(model.eval(), shape)
     return mod, params["main"]
 
 

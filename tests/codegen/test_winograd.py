@@ -10,16 +10,7 @@ from torch import nn
 
 from edgecut.codegen import winograd
 from edgecut.codegen.build import build, prepare
-from vmrun import run_built
-
-
-def _import(model, shape):
-    import tvm.relax.frontend.torch  # noqa: F401
-    from tvm import relax
-
-    mod = relax.frontend.torch.from_fx(torch.fx.symbolic_trace(model), [(shape, "float32")],
-                                       keep_params_as_input=True)
-    return relax.frontend.detach_params(mod)
+from vmrun import import_relax, run_built
 
 
 def _names(mod) -> list[str]:
@@ -64,7 +55,7 @@ def test_numerics_against_torch(force_tile, m, c, k, h, w, pad, bias, residual, 
     torch.manual_seed(0)
     model = Block(c, k, pad, bias, residual, relu).eval()
     shape = (1, c, h, w)
-    mod, params = _import(model, shape)
+    mod, params = import_relax(model, shape)
     main_mod, _, _ = prepare(mod)
     assert _count(main_mod, "winograd_batch_gemm") == 1
     built = build(mod, params["main"], "local", tuning_dir=False)
@@ -96,7 +87,7 @@ class Mixed(nn.Module):
 
 def test_fires_only_on_dense_3x3_stride1(force_tile):
     force_tile(2)
-    mod, _ = _import(Mixed().eval(), (1, 16, 12, 12))
+    mod, _ = import_relax(Mixed().eval(), (1, 16, 12, 12))
     main_mod, weights, _ = prepare(mod)
     assert _count(main_mod, "winograd_batch_gemm") == 1
     assert _count(main_mod, "winograd_data_pack") == 1
@@ -105,7 +96,7 @@ def test_fires_only_on_dense_3x3_stride1(force_tile):
 
 def test_weight_transform_lifted_out_of_main(force_tile):
     force_tile(4)
-    mod, _ = _import(Block(16, 16, 1).eval(), (1, 16, 8, 8))
+    mod, _ = import_relax(Block(16, 16, 1).eval(), (1, 16, 8, 8))
     main_mod, weights, _ = prepare(mod)
     assert weights is not None and "winograd_weight_transform" in _names(weights)
     assert "winograd_weight_transform" not in _names(main_mod)
@@ -118,7 +109,7 @@ def test_weights_as_inputs_are_not_rewritten(force_tile):
     from tvm import relax
 
     force_tile(2)
-    mod, _ = _import(Block(16, 16, 1).eval(), (1, 16, 8, 8))
+    mod, _ = import_relax(Block(16, 16, 1).eval(), (1, 16, 8, 8))
     mod["main"] = mod["main"].with_attr("num_input", len(mod["main"].params))
     mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
     out = winograd.winograd_conv2d(mod, len(mod["main"].params))
@@ -156,7 +147,7 @@ def test_kernels_scheduled_and_replayable(force_tile, target):
     from edgecut.codegen.schedules import make_schedule, schedule_module
 
     force_tile(4)
-    mod, _ = _import(Block(16, 32, 1, residual=False).eval(), (1, 16, 9, 9))
+    mod, _ = import_relax(Block(16, 32, 1, residual=False).eval(), (1, 16, 9, 9))
     main_mod, _, _ = prepare(mod)
     tvm_target = targets.get(target).tvm_target()
     kernels = {gv.name_hint: f for gv, f in main_mod.functions_items()
@@ -199,7 +190,7 @@ def test_aarch64_build_runs_under_qemu(monkeypatch, tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(Block(8, 12, 1), Block(12, 12, 0, residual=False)).eval()
     shape = (1, 8, 10, 9)
-    mod, params = _import(model, shape)
+    mod, params = import_relax(model, shape)
     assert _count(prepare(mod)[0], "winograd_batch_gemm") == 2
     built = build(mod, params["main"], "pi4", tuning_dir=False)
     built.executable.export_library(str(tmp_path / "m.so"),
