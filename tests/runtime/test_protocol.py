@@ -59,11 +59,12 @@ def test_decode_agrees_with_msgpack(obj):
     assert P.decode(msgpack.packb(obj, use_bin_type=True)) == obj
 
 
+@pytest.mark.parametrize("decoder", [P.decode, P.decode_small], ids=["decode", "decode_small"])
 @settings(max_examples=500, deadline=None)
-@given(st.binary(max_size=64))
-def test_hostile_bytes_raise_only_protocol_error(data):
+@given(data=st.binary(max_size=64))
+def test_hostile_bytes_raise_only_protocol_error(decoder, data):
     try:
-        P.decode(data)
+        decoder(data)
     except ProtocolError:
         pass
 
@@ -130,15 +131,6 @@ def test_small_frames_decode_like_big_ones(obj):
     if len(packed) <= P._SMALL_FRAME:
         fast = P.decode_small(packed)
         assert fast == {k: (bytes(v) if isinstance(v, memoryview) else v) for k, v in P.decode(packed).items()}
-
-
-@settings(max_examples=500, deadline=None)
-@given(st.binary(max_size=64))
-def test_small_decoder_raises_only_protocol_error(data):
-    try:
-        P.decode_small(data)
-    except ProtocolError:
-        pass
 
 
 def test_early_decode_of_a_partial_frame_is_the_whole_decode():
