@@ -143,12 +143,7 @@ class _Encoder:
                                 f"use one of {sorted(DTYPES)}")
         if not (arr.flags.c_contiguous and (dt.byteorder in "<|" or (dt.byteorder == "=" and _LITTLE))):
             arr = arr.astype(dt.newbyteorder("<"), order="C")        # only then a copy
-        # {name, dtype, shape} by the C packer, its fixmap header 0x83 made 0x85 for pad and data
-        head = self.pack({"name": name, "dtype": dtype, "shape": [int(d) for d in arr.shape]})
-        # data starts after: "pad" key (4) + bin8 header (2) + pad + "data" key (5) + bin32 header (5)
-        pad = -(self.size + len(head) + 4 + 2 + 5 + 5) % ALIGN
-        self.raw(b"".join((b"\x85", head[1:], _PAD_KEY, b"\xc4", bytes((pad,)), bytes(pad), _DATA_KEY,
-                           b"\xc6", _HEADER.pack(arr.nbytes))))
+        self.raw(_tensor_head(self.pack, name, dtype, arr.shape, arr.nbytes, self.size))
         view = memoryview(arr.reshape(-1).view(np.uint8))
         if arr.nbytes >= _BIG:
             self.big(view)
@@ -158,7 +153,20 @@ class _Encoder:
     def finish(self) -> list:
         if self.small:
             self.bufs.append(bytes(self.small))
+        if self.bufs and type(self.bufs[0]) is bytes:          # msgpack bytes first: one buffer with the header
+            return [_HEADER.pack(self.size) + self.bufs[0], *self.bufs[1:]]
         return [_HEADER.pack(self.size), *self.bufs]
+
+
+def _tensor_head(pack, name: str, dtype: str, shape, nbytes: int, at: int) -> bytes:
+    """A tensor map up to its data, for a map starting `at` bytes into the frame's body: {name,
+    dtype, shape} by the C packer, its fixmap header 0x83 made 0x85 for pad and data, the pad
+    sized so that the data starts ALIGN-aligned."""
+    head = pack({"name": name, "dtype": dtype, "shape": [int(d) for d in shape]})
+    # data starts after: "pad" key (4) + bin8 header (2) + pad + "data" key (5) + bin32 header (5)
+    pad = -(at + len(head) + 4 + 2 + 5 + 5) % ALIGN
+    return b"".join((b"\x85", head[1:], _PAD_KEY, b"\xc4", bytes((pad,)), bytes(pad), _DATA_KEY,
+                     b"\xc6", _HEADER.pack(nbytes)))
 
 
 _SPECIAL = (TensorDict, dict, list, tuple, bytes, bytearray, memoryview)
@@ -195,9 +203,127 @@ def encode(msg: dict) -> list:
     """The frame for `msg` as a list of buffers (header first) to hand to `sendmsg` as they are."""
     if not isinstance(msg, dict):
         raise ProtocolError("a frame holds one msgpack map")
+    frame = _templated(msg)
+    if frame is not None:
+        return frame
     enc = _Encoder()
     enc.message(msg)
     return enc.finish()
+
+
+# ------------------------------------------------------------------------------ frame templates
+# The two messages of every request (infer, result) have the same bytes from one request to the
+# next except for the id, the deadline or timings, and the tensors' data. For each kind of such
+# message seen (its plan, whether it has a deadline, its tensors' names, dtypes and shapes), a
+# template keeps those bytes, the id as uint64 and the numbers as float64 (msgpack allows any
+# width), so a frame is a copy of the template with the numbers packed in: the per-request Python
+# that the generic encoder runs, on caches the tensors just swept cold, was most of its cost.
+_TEMPLATE_FIELDS = {      # kind -> ((key, how), ...) then the key of the tensor list, last
+    "infer": ((("type", "infer"), ("id", "u64"), ("plan", "str"), ("deadline_s", "f64?")), "tensors"),
+    "result": ((("type", "result"), ("id", "u64"), ("edge_s", "f64"), ("queue_s", "f64")), "outputs"),
+}
+_TEMPLATE_KEYS = {kind: frozenset(k for k, _ in fields) | {tkey} for kind, (fields, tkey) in _TEMPLATE_FIELDS.items()}
+_MAX_TEMPLATES = 256
+_templates: dict = {}
+_U64, _F64 = struct.Struct(">Q"), struct.Struct(">d")
+
+
+class _Template:
+    """A frame's bytes in `chunks`, split where a big tensor's data goes in as its own buffer.
+    `numbers`: (message key, offset in chunk 0, Struct) of each number; `small`: (chunk, offset)
+    of each small tensor's data, copied in; `big`: for each tensor, whether its data is a buffer."""
+
+    __slots__ = ("chunks", "numbers", "small", "big", "copied")
+
+    def __init__(self, fields, tkey: str, msg: dict, specs: list):
+        pack = _packer()
+        pieces, numbers, size = [_map_header(len(fields) + 1)], [], 1
+        for key, how in fields:
+            k = pack(key)
+            if how in ("u64", "f64") or (how == "f64?" and msg[key] is not None):
+                numbers.append((key, 4 + size + len(k) + 1, _U64 if how == "u64" else _F64))
+                v = (b"\xcf" if how == "u64" else b"\xcb") + bytes(8)
+            else:
+                v = pack(msg[key] if how != "f64?" else None)
+            pieces += [k, v]
+            size += len(k) + len(v)
+        tail = pack(tkey) + _array_header(len(specs))
+        pieces.append(tail)
+        size += len(tail)
+        chunks, small, big, cur = [], [], [], b"".join(pieces)
+        for name, dtype, shape, nbytes in specs:
+            head = _tensor_head(pack, name, dtype, shape, nbytes, size)
+            size += len(head) + nbytes
+            cur += head
+            big.append(nbytes >= _BIG)
+            if big[-1]:
+                chunks.append(cur)
+                cur = b""
+            else:
+                small.append((len(chunks), len(cur) + (4 if not chunks else 0)))
+                cur += bytes(nbytes)
+        chunks.append(cur)
+        chunks[0] = _HEADER.pack(size) + chunks[0]
+        self.chunks = chunks
+        self.numbers, self.small, self.big = numbers, small, big
+        self.copied = {0} | {c for c, _ in small}       # chunks written per frame
+
+    def frame(self, msg: dict, arrays: list) -> list:
+        out = [bytearray(c) if i in self.copied else c for i, c in enumerate(self.chunks)]
+        for key, at, st in self.numbers:
+            st.pack_into(out[0], at, msg[key])
+        bufs, small, chunk = [out[0]], iter(self.small), 0
+        for arr, is_big in zip(arrays, self.big):
+            view = memoryview(arr.reshape(-1).view(np.uint8))
+            if is_big:
+                chunk += 1
+                bufs += [view, out[chunk]]
+            else:
+                c, at = next(small)
+                out[c][at:at + view.nbytes] = view
+        return [b for b in bufs if len(b)]
+
+
+def _templated(msg: dict):
+    """The frame for an infer or result message from a template (see above), or None when the
+    message is not one that a template does exactly: then the generic encoder does it."""
+    kind = msg.get("type")
+    spec = _TEMPLATE_FIELDS.get(kind) if type(kind) is str else None
+    if spec is None or msg.keys() != _TEMPLATE_KEYS[kind]:
+        return None
+    fields, tkey = spec
+    tensors, rid = msg[tkey], msg["id"]
+    if type(tensors) is not TensorDict or type(rid) is not int or not 0 <= rid < 2**64:
+        return None
+    key = [kind]
+    for k, how in fields:
+        v = msg[k]
+        if how == "str":
+            if type(v) is not str:
+                return None
+            key.append(v)
+        elif how == "f64?":
+            if v is not None and type(v) is not float:
+                return None
+            key.append(v is None)
+        elif how == "f64" and type(v) is not float:
+            return None
+    arrays = []
+    for name, arr in tensors.items():
+        dt = getattr(arr, "dtype", None)
+        if (type(arr) is not np.ndarray or type(name) is not str or dt not in _NAMES
+                or not arr.flags.c_contiguous or not (dt.byteorder in "<|" or (dt.byteorder == "=" and _LITTLE))):
+            return None
+        key.append((name, dt.char, arr.shape))
+        arrays.append(arr)
+    key = tuple(key)
+    tpl = _templates.get(key)
+    if tpl is None:
+        if len(_templates) >= _MAX_TEMPLATES:
+            _templates.clear()
+        tpl = _templates[key] = _Template(fields, tkey, msg,
+                                          [(name, _NAMES[a.dtype], a.shape, a.nbytes) for name, a in tensors.items()])
+    return tpl.frame(msg, arrays)
 
 
 # --------------------------------------------------------------------------------------- decode
@@ -388,7 +514,13 @@ class Channel:
             self.sock.settimeout(left)
 
     def send(self, msg: dict, deadline: float | None = None) -> int:
-        bufs = [memoryview(b).cast("B") for b in encode(msg)]
+        bufs = encode(msg)
+        if len(bufs) == 1:                                   # a small frame
+            self._timeout(deadline)
+            self.sock.sendall(bufs[0])
+            self.bytes_sent += len(bufs[0])
+            return len(bufs[0])
+        bufs = [memoryview(b).cast("B") for b in bufs]
         total = sum(b.nbytes for b in bufs)
         i = 0
         while i < len(bufs):
@@ -403,14 +535,15 @@ class Channel:
         self.bytes_sent += total
         return total
 
-    def _fill(self, view: memoryview, deadline, at_boundary: bool, on_partial=None) -> None:
+    def _fill(self, view: memoryview, deadline, at_boundary: bool, on_partial=None, spin_s: float = 0.0) -> None:
         """Read exactly len(view) bytes. Inside a frame (not `at_boundary`) the rest is on its way:
         poll the socket without sleeping while bytes keep coming (up to SPIN_S without progress),
         since a sleep and a wake-up per arriving chunk cost more than the copy on loopback and
         fast links; then block as usual. `on_partial(got)` is called once, when the first bytes
         are in and more are to come."""
         may_spin = not at_boundary and SPIN_S > 0
-        got, idle_since, spin, nonblocking = 0, None, may_spin, False
+        got, idle_since, spin, nonblocking = 0, None, may_spin or spin_s > 0, False
+        limit = spin_s if at_boundary else SPIN_S
         while got < len(view):
             if spin:
                 if not nonblocking:    # (with a timeout, Python polls before recv, even with MSG_DONTWAIT)
@@ -424,7 +557,7 @@ class Channel:
                         raise TimeoutError("deadline passed") from None
                     if idle_since is None:
                         idle_since = now
-                    elif now - idle_since > SPIN_S:
+                    elif now - idle_since > limit:
                         spin = False
                     continue
                 idle_since = None
@@ -447,19 +580,30 @@ class Channel:
         is in, the rest must come within `frame_timeout` seconds (if given) instead."""
         return self._recv(deadline, frame_timeout, early=False)[0]
 
-    def recv(self, deadline: float | None = None, frame_timeout: float | None = None) -> dict:
+    def recv(self, deadline: float | None = None, frame_timeout: float | None = None, spin_s: float = 0.0) -> dict:
         """The next frame's map. While a big frame is still arriving, its msgpack structure is
         decoded from the part already in (`decode_early`), off the critical path; a small frame
-        is read by msgpack's C unpacker (bins come back as bytes, copied: they are small)."""
-        body, msg = self._recv(deadline, frame_timeout, early=True)
+        is read by msgpack's C unpacker (bins come back as bytes, copied: they are small).
+        `spin_s`: poll for the frame's first bytes without sleeping this long before blocking."""
+        return self.recv_prepared(None, deadline, frame_timeout, spin_s)[0]
+
+    def recv_prepared(self, prepare, deadline: float | None = None, frame_timeout: float | None = None,
+                      spin_s: float = 0.0) -> tuple:
+        """(map, prepare(map)) of the next frame (see `recv`). For a big frame `prepare` runs as
+        soon as the map's structure is in, while its bins are still arriving: it may check and
+        view them but not read them. Whatever it raises is raised here."""
+        body, found = self._recv(deadline, frame_timeout, True, spin_s, prepare)
+        msg = found[0] if found else None
         if msg is None:
             msg = decode(body) if len(body) > _SMALL_FRAME else decode_small(body)
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
             raise ProtocolError("a frame must hold a msgpack map with a string 'type'")
-        return msg
+        if prepare is None:
+            return msg, None
+        return msg, (found[1] if len(found) > 1 else prepare(msg))
 
-    def _recv(self, deadline, frame_timeout, early: bool):
-        self._fill(memoryview(self._head), deadline, at_boundary=True)
+    def _recv(self, deadline, frame_timeout, early: bool, spin_s: float = 0.0, prepare=None):
+        self._fill(memoryview(self._head), deadline, at_boundary=True, spin_s=spin_s)
         (n,) = _HEADER.unpack(self._head)
         if n > self.max_frame:
             raise FrameTooLarge(f"frame of {n} bytes exceeds the maximum of {self.max_frame} bytes")
@@ -471,11 +615,19 @@ class Channel:
             body = memoryview(self._buf)[:n]
         else:
             body = memoryview(np.empty(n, np.uint8))
-        found = []
+        found = []        # [early map, prepare(early map)], as far as they got
+
+        def on_partial(got: int) -> None:
+            msg = decode_early(body, got)
+            if msg is not None:
+                found.append(msg)
+                if prepare is not None and isinstance(msg, dict) and isinstance(msg.get("type"), str):
+                    found.append(prepare(msg))
+
         self._fill(body, time.monotonic() + frame_timeout if frame_timeout is not None else deadline,
-                   at_boundary=False, on_partial=(lambda got: found.append(decode_early(body, got))) if early else None)
+                   at_boundary=False, on_partial=on_partial if early else None)
         self.bytes_received += n + 4
-        return body, (found[0] if found else None)
+        return body, found
 
     def close(self) -> None:
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import msgpack
 import numpy as np
@@ -94,7 +95,7 @@ def test_channel_big_frame_partial_sends_and_limits():
     sender.join()
     assert msg["id"] == 9 and np.array_equal(P.decode_tensors(msg["tensors"])["t"], big)
 
-    a.sendall(P.encode(P.infer(10, "p", {"t": big}, None))[0])      # the header alone says 4 MiB
+    a.sendall(P.encode(P.infer(10, "p", {"t": big}, None))[0])      # up to the data: its header says 4 MiB
     with pytest.raises(P.FrameTooLarge):
         P.Channel(b, max_frame=2**20).recv()
     a.close(), b.close()
@@ -171,3 +172,115 @@ def test_channel_reads_a_frame_that_arrives_in_slow_pieces():
     t.join()
     assert msg["id"] == 8 and np.array_equal(P.decode_tensors(msg["tensors"])["x"], x)
     a.close(), b.close()
+
+
+def _generic_body(msg) -> bytes:
+    enc = P._Encoder()
+    enc.message(msg)
+    frame = b"".join(bytes(memoryview(b).cast("B")) for b in enc.finish())
+    return frame[4:]
+
+
+def _same(a: dict, b: dict) -> None:
+    key = "tensors" if "tensors" in a else "outputs"
+    assert {k: v for k, v in a.items() if k != key} == {k: v for k, v in b.items() if k != key}
+    ta, tb = P.decode_tensors(a[key]), P.decode_tensors(b[key])
+    assert list(ta) == list(tb)
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and ta[name].shape == tb[name].shape
+        assert np.array_equal(ta[name], tb[name])
+
+
+def test_templated_frames_read_as_the_generic_encoders_and_keep_no_stale_bytes():
+    """infer and result frames come from per-kind templates (fixed-width id and numbers): any
+    msgpack reader reads them as the generic encoder's frame, tensors aligned; a second frame of
+    the same kind reuses the template and carries its own values, small data included."""
+    rng = np.random.default_rng(3)
+
+    def msgs(i):
+        return [P.infer(i, "e1/input", {"x": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)}, None),
+                P.infer(i + 1, "e2/after:l1", {"a": np.arange(5 + 0 * i, dtype=np.int64), "big": rng.standard_normal(
+                    (3, 3000)).astype(np.float32), "flag": np.array(i % 2 == 0), "e": np.zeros((2, 0), np.float16),
+                    "u": rng.integers(0, 255, 100, dtype=np.uint8)}, 0.125 * i),
+                P.result(2**64 - 1 - i, {"logits": rng.standard_normal((1, 10)).astype(np.float32)}, 0.5 * i, 1e-3),
+                P.result(i, {}, 1.0, 2.0)]
+
+    for i in (1, 2):
+        before = len(P._templates)
+        for msg in msgs(i):
+            assert P._templated(msg) is not None
+            raw = body(msg)
+            buf = np.frombuffer(bytearray(raw), np.uint8)
+            got = P.decode(buf)
+            _same(got, P.decode(_generic_body(msg)))
+            _same(msgpack.unpackb(raw, raw=False), P.decode(_generic_body(msg)))
+            for t in P.decode_tensors(got.get("tensors", got.get("outputs"))).values():
+                assert t.nbytes == 0 or t.ctypes.data % P.ALIGN == 0
+        if i == 2:
+            assert len(P._templates) == before          # the same kinds: no new template
+
+
+@pytest.mark.parametrize("msg", [
+    {**P.infer(1, "p", {"a": np.ones(3, np.float32)}, None), "extra": 1},            # a key more
+    P.infer(1, "p", {"a": np.ones(3, np.float32)}, 2),                               # int deadline
+    P.infer(-1, "p", {"a": np.ones(3, np.float32)}, None),                           # negative id
+    P.infer(True, "p", {"a": np.ones(3, np.float32)}, None),                         # bool id
+    P.infer(1, "p", {"a": [1.0, 2.0]}, None),                                        # not an array
+    P.infer(1, "p", {"a": np.arange(6, dtype=">f4")}, None),                         # big-endian
+    P.infer(1, "p", {"a": np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]}, None),  # strided
+    {"type": "result", "id": 1, "outputs": P.TensorDict(a=np.ones(2, np.float32)), "edge_s": np.float64(0.5),
+     "queue_s": 0.0},                                                                # edge_s not a float
+    {"type": "result", "id": 1, "outputs": [], "edge_s": 0.0, "queue_s": 0.0},       # a list, not TensorDict
+], ids=["extra-key", "int-deadline", "negative-id", "bool-id", "list", "big-endian", "strided", "np-float", "list-outputs"])
+def test_messages_a_template_does_not_do_exactly_go_to_the_generic_encoder(msg):
+    assert P._templated(msg) is None
+    got, want = P.decode(body(msg)), msgpack.unpackb(_generic_body(msg), raw=False)
+    assert {k: v for k, v in got.items() if k not in ("tensors", "outputs")} == \
+           {k: v for k, v in want.items() if k not in ("tensors", "outputs")}
+
+
+def test_prepare_runs_while_a_big_frame_arrives_and_after_a_small_one():
+    a, b = socket.socketpair()
+    x = np.random.default_rng(2).standard_normal(100_000).astype(np.float32)
+    frame = b"".join(bytes(memoryview(p).cast("B")) for p in P.encode(P.infer(8, "p", {"x": x}, None)))
+    sent_all = threading.Event()
+    calls = []
+
+    def prepare(msg):
+        calls.append(sent_all.is_set())
+        return ("checked", msg["id"], P.decode_tensors(msg["tensors"])["x"].shape)
+
+    def trickle():
+        for i in range(0, len(frame), 65536):
+            a.sendall(frame[i:i + 65536])
+            threading.Event().wait(0.01)
+        sent_all.set()
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    msg, prepared = P.Channel(b).recv_prepared(prepare, frame_timeout=5)
+    t.join()
+    assert prepared == ("checked", 8, (100_000,)) and calls == [False]    # once, before the data was all in
+    assert np.array_equal(P.decode_tensors(msg["tensors"])["x"], x)
+
+    ch = P.Channel(a)
+    ch.send({"type": "ping", "id": 3})
+    assert P.Channel(b).recv_prepared(lambda m: m["id"] * 2) == ({"type": "ping", "id": 3}, 6)
+    ch.send({"type": "ping", "id": 4})
+    with pytest.raises(ZeroDivisionError):
+        P.Channel(b).recv_prepared(lambda m: 1 / 0)
+    a.close(), b.close()
+
+
+def test_spinning_for_a_frame_still_blocks_times_out_and_sees_a_close():
+    a, b = socket.socketpair()
+    later = threading.Timer(0.05, lambda: P.Channel(a).send({"type": "ping", "id": 1}))
+    later.start()
+    assert P.Channel(b).recv(spin_s=0.005)["id"] == 1       # spun 5 ms, then slept until it came
+    later.join()
+    with pytest.raises(TimeoutError):
+        P.Channel(b).recv(deadline=time.monotonic() + 0.02, spin_s=1.0)
+    a.close()
+    with pytest.raises(P.ConnectionClosed):
+        P.Channel(b).recv(spin_s=1.0)
+    b.close()
