@@ -67,6 +67,7 @@ class EdgeServer:
             from edgecut.codegen.load import load
             self.part = load(artifact, side="edge", backend=backend)
         self.model, self.manifest_sha256 = P.manifest_identity(self.part)
+        self._plans = {p.id: p for p in self.part.table.plans}
         self.host, self.port, self.token = host, port, (bytes(token) if token else None)
         self.max_frame, self.workers, self.max_queue = max_frame, workers, max_queue
         self.request_timeout, self.handshake_timeout = request_timeout, handshake_timeout
@@ -186,11 +187,12 @@ class EdgeServer:
             reason = self._handshake(ch)
             while reason is None:
                 try:
-                    msg = ch.recv(deadline=time.monotonic() + self.idle_timeout, frame_timeout=self.frame_timeout)
+                    msg, checked = ch.recv_prepared(self._check, deadline=time.monotonic() + self.idle_timeout,
+                                                    frame_timeout=self.frame_timeout)
                 except P.ConnectionClosed:
                     reason = "closed by peer" if not self._stopping.is_set() else "server shutting down"
                     break
-                reply = self._handle(msg, ch)
+                reply = self._handle(msg, checked, ch)
                 n_req += 1
                 if reply["type"] == "error":
                     n_err += 1
@@ -251,10 +253,10 @@ class EdgeServer:
         return None
 
     # ------------------------------------------------------------------------------ requests
-    def _handle(self, msg: dict, ch: P.Channel) -> dict:
+    def _handle(self, msg: dict, checked, ch: P.Channel) -> dict:
         kind, rid = msg["type"], msg.get("id")
         if kind == "infer":
-            return self._infer(msg, ch)
+            return checked if isinstance(checked, dict) else self._infer(*checked, ch)
         if kind == "ping":
             return {"type": "pong", "id": rid}
         if kind == "probe":
@@ -263,17 +265,20 @@ class EdgeServer:
                     "n": memoryview(data).nbytes if isinstance(data, (bytes, memoryview)) else 0}
         return P.error(P.BAD_REQUEST, f"unknown message type {kind!r}", rid)
 
-    def _infer(self, msg: dict, ch: P.Channel) -> dict:
-        received = time.monotonic()
+    def _check(self, msg: dict):
+        """An infer request's (id, plan id, tensors, timeout), or the error reply it gets; None
+        for other messages. Reads nothing but the map's structure: the channel calls it while
+        the tensors' bytes are still arriving (Channel.recv_prepared)."""
+        if msg["type"] != "infer":
+            return None
         rid, plan_id, deadline_s = msg.get("id"), msg.get("plan"), msg.get("deadline_s")
         if not isinstance(rid, int) or isinstance(rid, bool):
             return P.error(P.BAD_REQUEST, "infer needs an integer 'id'", None)
         if not isinstance(plan_id, str):
             return P.error(P.BAD_REQUEST, "infer needs a string 'plan'", rid)
-        try:
-            plan = self.part.table.by_id(plan_id)
-        except KeyError:
-            known = ", ".join(p.id for p in self.part.table.plans)
+        plan = self._plans.get(plan_id)
+        if plan is None:
+            known = ", ".join(self._plans)
             return P.error(P.UNKNOWN_PLAN, f"plan {plan_id!r} is not in this artifact's plan table ({known})", rid)
         if plan.cut.device_only:
             return P.error(P.UNKNOWN_PLAN, f"plan {plan_id!r} runs on the device only; nothing to do here", rid)
@@ -288,6 +293,10 @@ class EdgeServer:
             if deadline_s <= 0:
                 return P.error(P.TIMEOUT, "the request arrived after its deadline", rid)
             timeout = min(timeout, float(deadline_s))
+        return rid, plan_id, tensors, timeout
+
+    def _infer(self, rid: int, plan_id: str, tensors: dict, timeout: float, ch: P.Channel) -> dict:
+        received = time.monotonic()
         expiry = received + timeout
         with self._lock:
             if self._pending >= self.workers + self.max_queue:
