@@ -28,6 +28,7 @@ from edgecut.runtime import protocol as P
 from edgecut.runtime.bandwidth import BandwidthEstimator
 from edgecut.types import Link
 
+REPLY_SPIN_S = 300e-6    # poll for a reply without sleeping this long when the last one came this fast
 PROBE_ROUNDS = 4         # uploads per probe at most
 PROBE_AGREE = 0.25       # two consecutive rates this close (relative) end a probe
 PROBE_BUDGET_S = 0.2     # a probe holds the runtime's lock (requests wait for it): its time at most
@@ -65,6 +66,7 @@ class EdgeConnection:
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.ch = P.Channel(sock, max_frame)
+        self._last_wait = math.inf        # seconds from a request sent to its reply in, the last time
         try:
             msg = self.ch.recv(deadline)
             if msg["type"] == "error":
@@ -90,7 +92,9 @@ class EdgeConnection:
         """(reply, bytes sent, bytes received). Error replies come back as replies, not raised."""
         before = self.ch.bytes_received
         sent = self.ch.send(msg, deadline)
-        reply = self.ch.recv(deadline)
+        t = time.monotonic()
+        reply = self.ch.recv(deadline, spin_s=REPLY_SPIN_S if self._last_wait <= REPLY_SPIN_S else 0.0)
+        self._last_wait = time.monotonic() - t
         if reply.get("id") != msg.get("id") and not (reply["type"] == "error" and reply.get("id") is None):
             raise ProtocolError(f"reply {reply.get('id')!r} does not answer request {msg.get('id')!r}")
         return reply, sent, self.ch.bytes_received - before

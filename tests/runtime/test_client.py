@@ -176,3 +176,25 @@ def test_runtime_imports_without_torch():
             "assert not any(m.split('.')[0] == 'torch' for m in sys.modules)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.005])
+def test_connection_polls_for_a_reply_only_when_replies_come_fast(make_server, delay):
+    """A reply that came within REPLY_SPIN_S makes the next wait poll without sleeping (a wake-up
+    costs tens of us on loopback); a slower edge is waited for asleep, from the first request on."""
+    from edgecut.runtime import client as C
+    from edgecut.runtime import protocol as P
+
+    server, part = make_server(NumpyPart("edge", edge_delay=delay)), NumpyPart("device")
+    conn = C.EdgeConnection(*server.address, *P.manifest_identity(part), deadline=time.monotonic() + 5)
+    spins, waits, recv = [], [], conn.ch.recv
+    conn.ch.recv = lambda *a, **kw: spins.append(kw.get("spin_s", 0.0)) or recv(*a, **kw)
+    for i in range(20):
+        x = x_for(part, i)
+        reply, _, _ = conn.request(P.infer(i, "e1/input", {"x": x}, None), time.monotonic() + 5)
+        assert np.allclose(P.decode_tensors(reply["outputs"])["logits"], part.reference(x), atol=1e-5)
+        waits.append(conn._last_wait)
+    conn.close()
+    assert spins[0] == 0.0                                        # nothing known yet: sleep
+    assert spins[1:] == [C.REPLY_SPIN_S if w <= C.REPLY_SPIN_S else 0.0 for w in waits[:-1]]
+    assert (min(waits) > C.REPLY_SPIN_S) == (delay > C.REPLY_SPIN_S)
