@@ -53,6 +53,7 @@ from edgecut.units import parse_bandwidth, parse_time  # noqa: E402
 N = 262_144                        # float32 elements: 1 MiB
 DIMS = (N, 1, 1, 10)
 PIN = True
+BLOCKS = 4                         # blocks of each kind of trip per session
 CPUS = sorted(os.sched_getaffinity(0))          # before any pinning
 TABLE = make_table(DIMS, bounds=(0.0,), cuts=("input",), exits=(1,))
 
@@ -109,9 +110,10 @@ def _raw_client(compute: bool, spin: bool):
     return sock, child
 
 
-def loopback(runs: int, bare_raw: bool = False) -> tuple[float, float, float, float]:
+def loopback(runs: int, bare_raw: bool = False, interleave: bool = False) -> tuple[float, float, float, float]:
     """One session: medians of the raw, raw-spinning and runtime round trips (edge compute
-    subtracted), and the ratio runtime / raw."""
+    subtracted), and the ratio runtime / raw; `interleave`: one trip of each in turn instead of
+    blocks (see the module docstring)."""
     x = np.random.default_rng(0).standard_normal((1, N), dtype=np.float32)
     payload = memoryview(x.reshape(-1).view(np.uint8))
     raw, raw_child = _raw_client(not bare_raw, spin=False)
@@ -128,17 +130,30 @@ def loopback(runs: int, bare_raw: bool = False) -> tuple[float, float, float, fl
         (edge_s,) = struct.unpack("<d", sock.recv(8, socket.MSG_WAITALL))
         return time.perf_counter() - t - edge_s
 
-    t_raw, t_spun, t_rt = [], [], []
-    for i in range(runs + 5):
-        a, b = raw_trip(raw), raw_trip(spun)
+    def runtime_trip(i):
         t = time.perf_counter()
         reply, _, _ = conn.request(P.infer(i, "e1/input", {"x": x}, None), None)
-        c = time.perf_counter() - t - reply["edge_s"]
         assert reply["type"] == "result", reply
-        if i >= 5:                                      # warm-up
-            t_raw.append(a)
-            t_spun.append(b)
-            t_rt.append(c)
+        return time.perf_counter() - t - reply["edge_s"]
+
+    trips = (lambda i: raw_trip(raw), lambda i: raw_trip(spun), runtime_trip)
+    times = ([], [], [])
+    if interleave:                                      # raw, spun, runtime, raw, spun, runtime, ...
+        for i in range(runs + 5):
+            got = [trip(i) for trip in trips]
+            if i >= 5:                                  # warm-up
+                for t, v in zip(times, got):
+                    t.append(v)
+    else:                                               # BLOCKS blocks of each, the order rotating
+        per = max(1, runs // BLOCKS)
+        for b in range(BLOCKS):
+            for k in range(3):
+                k = (k + b) % 3
+                for i in range(per + 2):
+                    v = trips[k](b * (per + 2) + i)
+                    if i >= 2:                          # re-warm after the switch
+                        times[k].append(v)
+    t_raw, t_spun, t_rt = times
     conn.close()
     for sock in (raw, spun, mine):
         sock.close()
@@ -173,6 +188,16 @@ def soak(seconds: float) -> None:
     print(f"soak (32 devices, {seconds:g} s): {'ok' if rc == 0 else 'FAILED'}")
 
 
+def _report(sessions: list, how: str, args, per: int) -> float:
+    raw_s, spun_s, rt_s, ratio = (statistics.median(v) for v in zip(*sessions))
+    print(f"loopback, 1 MiB, {how}: raw sendall{' (no compute)' if args.bare_raw else ''} {raw_s * 1e3:.3f} ms, "
+          f"raw with a spinning receiver {spun_s * 1e3:.3f} ms, runtime {rt_s * 1e3:.3f} ms (edge compute "
+          f"subtracted; medians over {args.sessions} sessions of {per} runs; runtime / raw {ratio:.2f}, session "
+          f"ratios {min(v[3] for v in sessions):.2f}-{max(v[3] for v in sessions):.2f}; runtime / spinning raw "
+          f"{statistics.median(v[2] / v[1] for v in sessions):.2f})")
+    return ratio
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=200)
@@ -190,13 +215,12 @@ def main() -> None:
     PIN = not args.no_pin
     _pin(0)
     per = max(20, args.runs // args.sessions)
-    sessions = [loopback(per, args.bare_raw) for _ in range(args.sessions)]
-    raw_s, spun_s, rt_s, ratio = (statistics.median(v) for v in zip(*sessions))
-    print(f"loopback, 1 MiB: raw sendall{' (no compute)' if args.bare_raw else ''} {raw_s * 1e3:.3f} ms, "
-          f"raw with a spinning receiver {spun_s * 1e3:.3f} ms, runtime {rt_s * 1e3:.3f} ms (edge compute "
-          f"subtracted; medians over {args.sessions} sessions of {per} interleaved runs; session ratios "
-          f"{min(v[3] for v in sessions):.2f}-{max(v[3] for v in sessions):.2f}; runtime / spinning raw "
-          f"{statistics.median(v[2] / v[1] for v in sessions):.2f})")
+    blocks, interleaved = [], []
+    for _ in range(args.sessions):
+        blocks.append(loopback(per, args.bare_raw))
+        interleaved.append(loopback(per, args.bare_raw, interleave=True))
+    ratio = _report(blocks, f"in {BLOCKS} blocks of each", args, per)
+    _report(interleaved, "interleaved one by one", args, per)
     os.sched_setaffinity(0, CPUS)
     got, want = link(args.link_runs, rate, delay)
     print(f"link {args.rate} + {args.delay} each way, 1 MiB: transfer {got * 1e3:.1f} ms, "
