@@ -12,8 +12,14 @@
    depends on whether its buffers are still in the 2 MiB L2 cache; with `--bare-raw` it skips the
    run. Where buffers land in physical memory moves a 1 MiB copy by up to 2x from one process to
    the next, so the runs are split over `--sessions` fresh sets of processes, connections and
-   buffers; raw and runtime interleaved within each; the ratio printed is the median of the
-   sessions' ratios of medians. Goal: ratio <= 1.2.
+   buffers; the ratio printed is the median of the sessions' ratios of medians. Goal: ratio <= 1.2.
+   Within a session the three kinds of trip go in blocks (4 of each, the order rotating, the first
+   2 trips of a block not counted), so that one connection's requests follow each other as they do
+   in deployment. The figure that the last line reports comes from the blocks. Beside it, sessions
+   that interleave the trips one by one are printed: there the three edge processes, which share
+   one core, each sweep 2 MiB through its caches between two trips of another, and the runtime,
+   which runs more Python per trip than a bare socket, pays for the evictions. On this machine
+   that figure spreads 0.9-2.0 from run to run on the same code.
 2. Emulated link (edgecut.runtime.linkemu, --rate, --delay): `DeviceRuntime.infer` with an
    edge-only plan whose crossing tensor is that 1 MB input; its measured transfer time against
    bytes*8/rate + RTT (the bytes of both frames, RTT = 2 x delay). Goal: within 10%.
