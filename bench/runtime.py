@@ -21,14 +21,16 @@
    raw trip right after a runtime trip reads ~0.22 ms, against ~0.39 alone, after another raw
    connection's trip, or in blocks (the raw code is the same; the cause was not found, and it is
    not the runtime's polling for replies, which was switched off to check). In deployment a
-   connection's trips follow each other, so the blocks are what the goal is read from.
+   connection's trips follow each other, so the blocks are what the goal is read from. With
+   --alone, raw and runtime are also timed each with only its own processes alive.
 2. Emulated link (edgecut.runtime.linkemu, --rate, --delay): `DeviceRuntime.infer` with an
    edge-only plan whose crossing tensor is that 1 MB input; its measured transfer time against
    bytes*8/rate + RTT (the bytes of both frames, RTT = 2 x delay). Goal: within 10%.
 3. With --soak N: 32 devices for N seconds, requests per second and the check that no reply was
    lost, duplicated or crossed (tests/runtime/test_soak.py, in its slow 30 s form).
 
-    python bench/runtime.py [--runs 200] [--sessions 10] [--link-runs 7] [--bare-raw] [--rate 20mbit] [--delay 20ms] [--soak 30]
+    python bench/runtime.py [--runs 200] [--sessions 10] [--link-runs 7] [--bare-raw] [--rate 20mbit] [--delay 20ms]
+                            [--alone SESSIONS] [--soak 30]
 
 The machine is shared by other work: figures move; the medians are what to read. The last line
 is `loopback_ratio=X link_ratio=Y`.
@@ -181,6 +183,37 @@ def loopback(runs: int, bare_raw: bool = False, interleave: bool = False) -> tup
     return a, b, c, c / a
 
 
+def alone(runs: int) -> tuple[float, float]:
+    """One session of each kind with only its own processes alive: raw, then runtime (medians)."""
+    x = np.random.default_rng(0).standard_normal((1, N), dtype=np.float32)
+    payload = memoryview(x.reshape(-1).view(np.uint8))
+    raw, raw_child = _raw_client(True, spin=False)
+    t_raw = []
+    for i in range(runs + 5):
+        t = time.perf_counter()
+        raw.sendall(payload)
+        (edge_s,) = struct.unpack("<d", raw.recv(8, socket.MSG_WAITALL))
+        t_raw.append(time.perf_counter() - t - edge_s)
+    raw.close()
+    raw_child.kill()
+    raw_child.join()
+    mine, theirs = socket.socketpair()
+    edge = mp.get_context("fork").Process(target=_edge_child, args=(theirs,), daemon=True)
+    edge.start()
+    (port,) = struct.unpack(">H", mine.recv(2))
+    conn = EdgeConnection("127.0.0.1", port, *P.manifest_identity(NumpyPart("device", DIMS, TABLE)))
+    t_rt = []
+    for i in range(runs + 5):
+        t = time.perf_counter()
+        reply, _, _ = conn.request(P.infer(i, "e1/input", {"x": x}, None), None)
+        t_rt.append(time.perf_counter() - t - reply["edge_s"])
+    conn.close()
+    mine.close()
+    edge.kill()
+    edge.join()
+    return statistics.median(t_raw[5:]), statistics.median(t_rt[5:])
+
+
 def link(runs: int, rate: float, delay: float) -> tuple[float, float]:
     part = NumpyPart("device", DIMS, TABLE)
     x = np.random.default_rng(1).standard_normal((1, N), dtype=np.float32)
@@ -224,6 +257,8 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=10, help="fresh servers and buffers for the loopback runs")
     ap.add_argument("--no-pin", action="store_true", help="leave device and edge processes where the scheduler puts them")
     ap.add_argument("--bare-raw", action="store_true", help="the raw side skips the edge compute (see 1.)")
+    ap.add_argument("--alone", type=int, default=0, metavar="SESSIONS",
+                    help="also time raw and runtime each with only its own processes alive, in this many sessions")
     ap.add_argument("--soak", type=float, default=0.0, help="also run the 32-device soak (30: the slow test)")
     args = ap.parse_args()
     rate, delay = parse_bandwidth(args.rate), parse_time(args.delay)
@@ -238,6 +273,11 @@ def main() -> None:
         interleaved.append(loopback(per, args.bare_raw, interleave=True))
     ratio = _report(blocks, f"in {BLOCKS} blocks of each", args, per)
     _report(interleaved, "interleaved one by one", args, per)
+    if args.alone:
+        each = [alone(per) for _ in range(args.alone)]
+        raw_s, rt_s = (statistics.median(v) for v in zip(*each))
+        print(f"loopback, 1 MiB, each alone: raw sendall {raw_s * 1e3:.3f} ms, runtime {rt_s * 1e3:.3f} ms "
+              f"(medians over {args.alone} sessions of {per} runs; runtime / raw {rt_s / raw_s:.2f})")
     os.sched_setaffinity(0, CPUS)
     got, want = link(args.link_runs, rate, delay)
     print(f"link {args.rate} + {args.delay} each way, 1 MiB: transfer {got * 1e3:.1f} ms, "
