@@ -120,6 +120,42 @@ def _raw_client(compute: bool, spin: bool):
     return sock, child
 
 
+def _edge_client():
+    """An EdgeServer in a process of its own and a connection to it: (connection, pipe, process)."""
+    mine, theirs = socket.socketpair()
+    edge = mp.get_context("fork").Process(target=_edge_child, args=(theirs,), daemon=True)
+    edge.start()
+    (port,) = struct.unpack(">H", mine.recv(2))
+    conn = EdgeConnection("127.0.0.1", port, *P.manifest_identity(NumpyPart("device", DIMS, TABLE)))
+    return conn, mine, edge
+
+
+def _raw_trip(sock: socket.socket, payload: memoryview, poll: bool = False) -> float:
+    """Seconds of one raw round trip, the edge's compute subtracted. `poll`: wait for the reply
+    without sleeping, as the runtime's device does for a fast reply."""
+    t = time.perf_counter()
+    sock.sendall(payload)
+    if poll:
+        got = b""
+        while len(got) < 8:
+            try:
+                got += sock.recv(8 - len(got), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+    else:
+        got = sock.recv(8, socket.MSG_WAITALL)
+    (edge_s,) = struct.unpack("<d", got)
+    return time.perf_counter() - t - edge_s
+
+
+def _runtime_trip(conn: EdgeConnection, x: np.ndarray, i: int) -> float:
+    """Seconds of one infer request through the runtime, the edge's compute subtracted."""
+    t = time.perf_counter()
+    reply, _, _ = conn.request(P.infer(i, "e1/input", {"x": x}, None), None)
+    assert reply["type"] == "result", reply
+    return time.perf_counter() - t - reply["edge_s"]
+
+
 def loopback(runs: int, bare_raw: bool = False, interleave: bool = False) -> tuple[float, float, float, float]:
     """One session: medians of the raw, raw-polling and runtime round trips (edge compute
     subtracted), and the ratio runtime / raw; `interleave`: one trip of each in turn instead of
@@ -128,34 +164,9 @@ def loopback(runs: int, bare_raw: bool = False, interleave: bool = False) -> tup
     payload = memoryview(x.reshape(-1).view(np.uint8))
     raw, raw_child = _raw_client(not bare_raw, spin=False)
     spun, spun_child = _raw_client(not bare_raw, spin=True)
-    mine, theirs = socket.socketpair()
-    edge = mp.get_context("fork").Process(target=_edge_child, args=(theirs,), daemon=True)
-    edge.start()
-    (port,) = struct.unpack(">H", mine.recv(2))
-    conn = EdgeConnection("127.0.0.1", port, *P.manifest_identity(NumpyPart("device", DIMS, TABLE)))
-
-    def raw_trip(sock, poll: bool = False):
-        t = time.perf_counter()
-        sock.sendall(payload)
-        if poll:                                        # as the runtime's device does for a fast reply
-            got = b""
-            while len(got) < 8:
-                try:
-                    got += sock.recv(8 - len(got), socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    pass
-        else:
-            got = sock.recv(8, socket.MSG_WAITALL)
-        (edge_s,) = struct.unpack("<d", got)
-        return time.perf_counter() - t - edge_s
-
-    def runtime_trip(i):
-        t = time.perf_counter()
-        reply, _, _ = conn.request(P.infer(i, "e1/input", {"x": x}, None), None)
-        assert reply["type"] == "result", reply
-        return time.perf_counter() - t - reply["edge_s"]
-
-    trips = (lambda i: raw_trip(raw), lambda i: raw_trip(spun, poll=True), runtime_trip)
+    conn, mine, edge = _edge_client()
+    trips = (lambda i: _raw_trip(raw, payload), lambda i: _raw_trip(spun, payload, poll=True),
+             lambda i: _runtime_trip(conn, x, i))
     times = ([], [], [])
     if interleave:                                      # raw, spun, runtime, raw, spun, runtime, ...
         for i in range(runs + 5):
@@ -188,25 +199,12 @@ def alone(runs: int) -> tuple[float, float]:
     x = np.random.default_rng(0).standard_normal((1, N), dtype=np.float32)
     payload = memoryview(x.reshape(-1).view(np.uint8))
     raw, raw_child = _raw_client(True, spin=False)
-    t_raw = []
-    for i in range(runs + 5):
-        t = time.perf_counter()
-        raw.sendall(payload)
-        (edge_s,) = struct.unpack("<d", raw.recv(8, socket.MSG_WAITALL))
-        t_raw.append(time.perf_counter() - t - edge_s)
+    t_raw = [_raw_trip(raw, payload) for _ in range(runs + 5)]
     raw.close()
     raw_child.kill()
     raw_child.join()
-    mine, theirs = socket.socketpair()
-    edge = mp.get_context("fork").Process(target=_edge_child, args=(theirs,), daemon=True)
-    edge.start()
-    (port,) = struct.unpack(">H", mine.recv(2))
-    conn = EdgeConnection("127.0.0.1", port, *P.manifest_identity(NumpyPart("device", DIMS, TABLE)))
-    t_rt = []
-    for i in range(runs + 5):
-        t = time.perf_counter()
-        reply, _, _ = conn.request(P.infer(i, "e1/input", {"x": x}, None), None)
-        t_rt.append(time.perf_counter() - t - reply["edge_s"])
+    conn, mine, edge = _edge_client()
+    t_rt = [_runtime_trip(conn, x, i) for i in range(runs + 5)]
     conn.close()
     mine.close()
     edge.kill()
