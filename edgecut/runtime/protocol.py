@@ -141,7 +141,7 @@ class _Encoder:
         if dtype not in DTYPES:
             raise ProtocolError(f"tensor {name!r} has dtype {dt}, which the protocol does not carry; "
                                 f"use one of {sorted(DTYPES)}")
-        if not (arr.flags.c_contiguous and (dt.byteorder in "<|" or (dt.byteorder == "=" and _LITTLE))):
+        if not _as_is(arr):
             arr = arr.astype(dt.newbyteorder("<"), order="C")        # only then a copy
         self.raw(_tensor_head(self.pack, name, dtype, arr.shape, arr.nbytes, self.size))
         view = memoryview(arr.reshape(-1).view(np.uint8))
@@ -156,6 +156,12 @@ class _Encoder:
         if self.bufs and type(self.bufs[0]) is bytes:          # msgpack bytes first: one buffer with the header
             return [_HEADER.pack(self.size) + self.bufs[0], *self.bufs[1:]]
         return [_HEADER.pack(self.size), *self.bufs]
+
+
+def _as_is(arr: np.ndarray) -> bool:
+    """Whether the array's memory is already what the wire carries: C order, little-endian."""
+    bo = arr.dtype.byteorder
+    return arr.flags.c_contiguous and (bo in "<|" or (bo == "=" and _LITTLE))
 
 
 def _tensor_head(pack, name: str, dtype: str, shape, nbytes: int, at: int) -> bytes:
@@ -219,8 +225,8 @@ def encode(msg: dict) -> list:
 # width), so a frame is a copy of the template with the numbers packed in: the per-request Python
 # that the generic encoder runs, on caches the tensors just swept cold, was most of its cost.
 _TEMPLATE_FIELDS = {      # kind -> ((key, how), ...) then the key of the tensor list, last
-    "infer": ((("type", "infer"), ("id", "u64"), ("plan", "str"), ("deadline_s", "f64?")), "tensors"),
-    "result": ((("type", "result"), ("id", "u64"), ("edge_s", "f64"), ("queue_s", "f64")), "outputs"),
+    "infer": ((("type", "kind"), ("id", "u64"), ("plan", "str"), ("deadline_s", "f64?")), "tensors"),
+    "result": ((("type", "kind"), ("id", "u64"), ("edge_s", "f64"), ("queue_s", "f64")), "outputs"),
 }
 _TEMPLATE_KEYS = {kind: frozenset(k for k, _ in fields) | {tkey} for kind, (fields, tkey) in _TEMPLATE_FIELDS.items()}
 _MAX_TEMPLATES = 256
@@ -311,8 +317,7 @@ def _templated(msg: dict):
     arrays = []
     for name, arr in tensors.items():
         dt = getattr(arr, "dtype", None)
-        if (type(arr) is not np.ndarray or type(name) is not str or dt not in _NAMES
-                or not arr.flags.c_contiguous or not (dt.byteorder in "<|" or (dt.byteorder == "=" and _LITTLE))):
+        if type(arr) is not np.ndarray or type(name) is not str or dt not in _NAMES or not _as_is(arr):
             return None
         key.append((name, dt.char, arr.shape))
         arrays.append(arr)
@@ -484,6 +489,11 @@ def decode_tensors(entries, what: str = "tensors") -> dict:
     return out
 
 
+def _is_message(obj) -> bool:
+    """A frame's object is a message: a map with a string 'type'."""
+    return isinstance(obj, dict) and isinstance(obj.get("type"), str)
+
+
 # ------------------------------------------------------------------------------------- channel
 class Channel:
     """One framed connection over a blocking socket. Every call takes an absolute `deadline`
@@ -596,7 +606,7 @@ class Channel:
         msg = found[0] if found else None
         if msg is None:
             msg = decode(body) if len(body) > _SMALL_FRAME else decode_small(body)
-        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        if not _is_message(msg):
             raise ProtocolError("a frame must hold a msgpack map with a string 'type'")
         if prepare is None:
             return msg, None
@@ -621,7 +631,7 @@ class Channel:
             msg = decode_early(body, got)
             if msg is not None:
                 found.append(msg)
-                if prepare is not None and isinstance(msg, dict) and isinstance(msg.get("type"), str):
+                if prepare is not None and _is_message(msg):
                     found.append(prepare(msg))
 
         self._fill(body, time.monotonic() + frame_timeout if frame_timeout is not None else deadline,
