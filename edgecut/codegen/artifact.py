@@ -43,8 +43,8 @@ def _values(gm: fx.GraphModule, example_inputs) -> dict:
     class Record(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
-                values[n.name] = out.detach().cpu().numpy()
+            if isinstance(out, torch.Tensor):     # a copy: a later in-place op (ReLU(inplace=True), +=)
+                values[n.name] = out.detach().cpu().numpy().copy()   # would change a view under us
             return out
 
     with torch.no_grad():
