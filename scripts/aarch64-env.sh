@@ -5,6 +5,9 @@
 #   scripts/aarch64-env.sh setup              build the cache (first time ~1-2 min, then instant)
 #   scripts/aarch64-env.sh run SCRIPT [ARGS]  run SCRIPT with the arm64 python3.11 under qemu
 #   scripts/aarch64-env.sh paths              print SYSROOT=... and SITE=...
+#   scripts/aarch64-env.sh rpc-server [PORT]  an emulated Pi for `edgecut profile --target pi4 --rpc`:
+#             a TVM RPC server (scripts/rpc_server.py: one process, no fork) on 127.0.0.1:PORT
+#             (default 9090; 0: any free port, printed as `rpc server listening on HOST:PORT`)
 #
 # Cached under ${EDGECUT_CACHE:-~/.cache/edgecut}/aarch64:
 #   sysroot/  Debian bookworm arm64 packages (python3.11-minimal, libpython3.11-stdlib, libstdc++6,
@@ -84,14 +87,18 @@ run() {
   local pp="$SITE"
   [ -n "${EDGECUT_AARCH64_PYTHONPATH:-}" ] && pp="$EDGECUT_AARCH64_PYTHONPATH:$SITE"
   exec env -i PATH=/usr/bin:/bin HOME="${HOME:-/tmp}" PYTHONPATH="$pp" PYTHONDONTWRITEBYTECODE=1 \
-       TVM_NUM_THREADS="${TVM_NUM_THREADS:-2}" \
+       TVM_NUM_THREADS="${TVM_NUM_THREADS:-2}" EDGECUT_RPC_SERVER_NOTE="${EDGECUT_RPC_SERVER_NOTE:-}" \
        qemu-aarch64-static -L "$SYSROOT" "$SYSROOT/usr/bin/python3.11" "$@"
 }
 
 case "${1:-}" in
   setup) setup ;;
   run) shift; [ $# -ge 1 ] || { echo "usage: $0 run SCRIPT [ARGS...]" >&2; exit 2; }; run "$@" ;;
+  rpc-server)
+    shift
+    EDGECUT_RPC_SERVER_NOTE="emulated: qemu-aarch64 user mode on $(uname -m); its timings say nothing about a device" \
+      run "$(dirname "$0")/rpc_server.py" --host 127.0.0.1 --port "${1:-9090}" "${@:2}" ;;
   paths) echo "SYSROOT=$SYSROOT"; echo "SITE=$SITE" ;;
-  -h|--help|"") sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; [ -n "${1:-}" ] ;;
+  -h|--help|"") sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; [ -n "${1:-}" ] ;;
   *) echo "unknown command $1; try --help" >&2; exit 2 ;;
 esac

@@ -10,10 +10,16 @@ def register(sub) -> None:
         description="Time a grid of layers of every kind (compiled with edgecut's TVM build, warm-up, medians), "
                     "fit per-layer-kind regressors, check them on held-out programs, measure model loading and "
                     "the runtime's per-message overhead, and write a versioned JSON profile. Run it on the "
-                    "device to profile the device (e.g. on a Raspberry Pi: --target pi4).")
-    p.add_argument("--target", default="local", help="target this machine is (default: local)")
+                    "device to profile the device (e.g. on a Raspberry Pi: --target pi4), or from here with --rpc: "
+                    "each program is cross-compiled here and timed on the device, which runs only the TVM runtime "
+                    "and its RPC server (python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090).")
+    p.add_argument("--target", default="local", help="target of the machine to profile: this one, or the device at --rpc (default: local)")
     p.add_argument("-o", "--output", metavar="PATH", help="where to write the profile (default: <target>.json)")
-    p.add_argument("--quick", action="store_true", help="a small grid (under 2 minutes) instead of the default")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="time on the device running a TVM RPC server at HOST:PORT "
+                   "(for the emulated Pi here: scripts/aarch64-env.sh rpc-server 9090, then --rpc 127.0.0.1:9090)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a small grid (under 2 minutes) instead of the default")
+    size.add_argument("--tiny", action="store_true", help="three layers: checks the path in seconds (not for planning)")
     p.add_argument("--name", help="profile name stored in the file (default: the target name)")
     p.add_argument("--seed", type=int, default=0, help="seed of the layer grid")
     p.add_argument("--show", metavar="PROFILE", help="print the summary of a profile (a shipped name or a path) and exit")
@@ -21,9 +27,12 @@ def register(sub) -> None:
 
 
 def summary(prof) -> str:
+    m = prof.machine
+    where = (f"{m.get('machine', '?')} over TVM RPC at {m.get('rpc', '?')}"
+             f"{', ' + m['note'] if m.get('note') else ''}" if m.get("measured") == "over TVM RPC" else "")
     lines = [f"profile {prof.name!r} for target {prof.target!r} ({prof.source}"
              f"{', UNCALIBRATED' if not prof.calibrated else ''}), measured {prof.date or '?'} "
-             f"with edgecut {prof.edgecut_version or '?'}",
+             f"with edgecut {prof.edgecut_version or '?'}", f"  measured on {where}" if where else "",
              f"  error_p95 {prof.error_p95:.1%} (held-out programs and models), per-layer median error "
              f"{prof.layer_mdape:.1%}", f"  {prof.notes}" if prof.notes else ""]
     for r in prof.held_out.get("models", []):
@@ -47,7 +56,8 @@ def run(args) -> int:
     if args.show:
         print(summary(costmodel.load_profile(args.show)))
         return 0
-    prof = costmodel.profile_target(args.target, quick=args.quick, name=args.name, seed=args.seed)
+    prof = costmodel.profile_target(args.target, quick=args.quick, name=args.name, seed=args.seed, rpc=args.rpc,
+                                    tiny=args.tiny)
     path = prof.save(args.output or f"{prof.target}.json")
     print(summary(prof))
     print(f"wrote {path}")

@@ -212,10 +212,16 @@ def measure_segment_overhead(target, shapes=SEGMENT_SHAPES, repeats: int = 9) ->
         kernel = sum(k.seconds for k in calls if "conv2d" in k.name)
         whole = time_callable(part_run, [], warmup=2, repeats=repeats)
         points.append((2 * int(np.prod(shape)), max(whole - kernel, 0.0)))
+    return fit_segment(points)
+
+
+def fit_segment(points) -> dict:
+    """The segment-call cost from (boundary elements, overhead s) points: a line fitted with
+    relative-error weights (the small calls pin the intercept, a noisy big one cannot buy it)
+    and the points made non-decreasing, as `Profile.segment_seconds` reads them."""
     from sklearn.linear_model import LinearRegression
 
     e, t = np.array(points, dtype=float).T
-    # relative-error weights: the small calls pin the intercept, a noisy big one cannot buy it
     lr = LinearRegression(positive=True).fit(e[:, None], t, sample_weight=1.0 / np.maximum(t, 1e-6) ** 2)
     slope, intercept = float(lr.coef_[0]), float(lr.intercept_)
     t = np.maximum.accumulate(t)

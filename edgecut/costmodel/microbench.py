@@ -273,6 +273,14 @@ def grid(quick: bool = False, seed: int = 0, max_macs: float = 4e8) -> list[Case
     return cases
 
 
+def tiny_grid() -> list[Case]:
+    """Three small convolutions (one layer kind, enough to fit it): checks that a profiling path
+    works end to end in seconds; a profile fitted on it is not for planning."""
+    return [Case("conv8-16k3s1@16", nn.Conv2d(8, 16, 3, 1, 1), ((1, 8, 16, 16),)),
+            Case("conv16-16k1s1@16", nn.Conv2d(16, 16, 1), ((1, 16, 16, 16),)),
+            Case("conv16-32k3s2@16", nn.Conv2d(16, 32, 3, 2, 1), ((1, 16, 16, 16),))]
+
+
 def fused_grid(quick: bool = False, seed: int = 1) -> list[tuple[Case, Case]]:
     """(conv alone, conv+batchnorm+relu) pairs: their difference is the cost of a fused epilogue."""
     rng = np.random.default_rng(seed)
