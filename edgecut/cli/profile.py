@@ -12,7 +12,8 @@ def register(sub) -> None:
                     "the runtime's per-message overhead, and write a versioned JSON profile. Run it on the "
                     "device to profile the device (e.g. on a Raspberry Pi: --target pi4), or from here with --rpc: "
                     "each program is cross-compiled here and timed on the device, which runs only the TVM runtime "
-                    "and its RPC server (python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090).")
+                    "and an RPC server (python scripts/rpc_server.py --host 0.0.0.0 --port 9090, from an edgecut checkout; or "
+                    "TVM's python -m tvm.exec.rpc_server, which also needs cloudpickle).")
     p.add_argument("--target", default="local", help="target of the machine to profile: this one, or the device at --rpc (default: local)")
     p.add_argument("-o", "--output", metavar="PATH", help="where to write the profile (default: <target>.json)")
     p.add_argument("--rpc", metavar="HOST:PORT", help="time on the device running a TVM RPC server at HOST:PORT "

@@ -1,5 +1,6 @@
 """Profile a device from the host over TVM RPC: the device runs only the TVM runtime and an RPC
-server (`python -m tvm.exec.rpc_server`, or scripts/rpc_server.py); this machine builds every
+server (scripts/rpc_server.py, or `python -m tvm.exec.rpc_server`, which also needs cloudpickle:
+its session workers import it); this machine builds every
 benchmark with `edgecut.codegen.build` for the device's target, cross-compiles it with the
 target's `cc`, uploads it, and times `main` of a Relax VM created on the device with the
 runtime's time evaluator (`VirtualMachine.time_evaluator`: one warm-up call, then `REPEAT`
@@ -41,9 +42,11 @@ def _reachable(host: str, port: int, timeout: float) -> None:
     except OSError as e:
         why = f"no answer within {timeout:g} s" if isinstance(e, TimeoutError) else (e.strerror or str(e))
         raise ProfileError(
-            f"cannot reach a TVM RPC server at {where} ({why}). Start one on the "
-            f"device (`python -m tvm.exec.rpc_server --host 0.0.0.0 --port {port}`; for the emulated Pi here: "
-            f"`scripts/aarch64-env.sh rpc-server {port}`) and check the address and any firewall") from None
+            f"cannot reach a TVM RPC server at {where} ({why}). Start one on the device: "
+            f"`python scripts/rpc_server.py --host 0.0.0.0 --port {port}` (from an edgecut checkout; needs only "
+            f"the TVM runtime) or TVM's `python -m tvm.exec.rpc_server --host 0.0.0.0 --port {port}` (also needs "
+            f"cloudpickle); for the emulated Pi here: `scripts/aarch64-env.sh rpc-server {port}`. Then check the "
+            "address and any firewall") from None
 
 
 def _connect(host: str, port: int, timeout: float):
