@@ -1,10 +1,11 @@
 """A single-process TVM RPC server: `python rpc_server.py [--host 127.0.0.1] [--port 9090]`.
 
 What `edgecut profile --rpc HOST:PORT` talks to: run it on the device (copy this file there), or
-on the emulated Pi here (scripts/aarch64-env.sh rpc-server). It needs only the TVM runtime (no torch, no TVM compiler library). Unlike
-`python -m tvm.exec.rpc_server`, it starts no helper process (that one spawns `sys.executable`,
-which fails with "Exec format error" under qemu user mode without binfmt, and whose workers import
-cloudpickle, which a runtime-only install lacks) and serves one session at a time in its own process.
+on the emulated Pi here (scripts/aarch64-env.sh rpc-server). It needs only the TVM runtime (no
+torch, no TVM compiler library). Unlike `python -m tvm.exec.rpc_server`, it starts no helper
+process (that one spawns `sys.executable`, which fails with "Exec format error" under qemu user
+mode without binfmt, and whose workers import cloudpickle, which a runtime-only install lacks)
+and serves one session at a time in its own process.
 It prints `rpc server listening on HOST:PORT` once it accepts connections (with --port 0, PORT is
 the one the system chose). Like TVM's, it loads and runs whatever library a client uploads, with no
 authentication: listen on loopback (the default) or a network you trust.

@@ -85,30 +85,41 @@ class Remote:
 
     def __init__(self, target, host: str, port: int, connect_timeout_s: float = 5.0):
         self.target, self.address = target, f"{host}:{port}"
-        _reachable(host, port, connect_timeout_s)
-        self.session = _connect(host, port, 2 * connect_timeout_s)
-        self.dev = self.session.cpu()
-        self.server = _server_machine(self.session)
-        arch = self.server.get("machine")
-        if arch and arch != target.arch:
-            raise ProfileError(
-                f"the RPC server at {self.address} runs on {arch}, but target {target.name!r} builds for "
-                f"{target.arch}; pass the target of that device (--target pi4 for a 64-bit Raspberry Pi OS, "
-                "see `edgecut.targets.known()`), or --rpc the device you meant")
         self._tmp = tempfile.TemporaryDirectory(prefix="edgecut-rpc-")
         self._n = 0
         self._layouts: dict = {}
         self.note = f"timed on the device over TVM RPC ({self.address})"
-        self._probe()
+        self.session = None
+        try:
+            _reachable(host, port, connect_timeout_s)
+            self.session = _connect(host, port, 2 * connect_timeout_s)
+            self.dev = self.session.cpu()
+            self.server = _server_machine(self.session)
+            arch = self.server.get("machine")
+            if arch and arch != target.arch:
+                raise ProfileError(
+                    f"the RPC server at {self.address} runs on {arch}, but target {target.name!r} builds for "
+                    f"{target.arch}; pass the target of that device (--target pi4 for a 64-bit Raspberry Pi OS, "
+                    "see `edgecut.targets.known()`), or --rpc the device you meant")
+            self._probe()
+        except BaseException:
+            self.close()   # free the server for the next session
+            raise
 
     # --- the device ---------------------------------------------------------------------------
     def _export(self, built) -> Path:
-        """`built` cross-compiled for the target, in a fresh file (a library path is loaded once)."""
-        from edgecut.codegen.artifact import _export
+        """`built` cross-compiled for the target, in a fresh file (a library path is loaded once).
+        The triple of the packed imports comes from the target's compiler: `cross_compiler(cc)`
+        alone asks the host's g++, which breaks programs without kernels (a lone dropout)."""
+        from tvm.support import cc
 
         self._n += 1
         path = Path(self._tmp.name, f"edgecut_bench_{self._n}.so")
-        _export(built, path, self.target)
+        fcompile = None
+        if self.target.cc:
+            fcompile = cc.cross_compiler(self.target.cc,
+                                         get_target_triple=cc.get_target_by_dump_machine(self.target.cc))
+        built.executable.export_library(str(path), fcompile=fcompile)
         return path
 
     def _load(self, path: Path, what: str, on_upload=None):
@@ -167,7 +178,9 @@ class Remote:
         vm = self._vm(built, what)
         args = self._args(built, shapes)
         try:
-            timer = vm.time_evaluator("main", self.dev, number=1, repeat=REPEAT, min_repeat_ms=MIN_REPEAT_MS,
+            # the flush runs before each repeat: a cold repeat is one run (no min_repeat_ms)
+            timer = vm.time_evaluator("main", self.dev, number=1, repeat=REPEAT,
+                                      min_repeat_ms=0 if cold else MIN_REPEAT_MS,
                                       f_preproc="cache_flush_cpu_non_first_arg" if cold else "")
             runs = timer(*args).results
         except Exception as e:   # noqa: BLE001
@@ -248,7 +261,8 @@ class Remote:
         from edgecut.costmodel.bench import machine_description
 
         host = machine_description(self.target)
-        return {"measured": "over TVM RPC", "rpc": self.address, "machine": self.server.get("machine", self.target.arch),
+        return {"measured": "over TVM RPC", "rpc": self.address,
+                "machine": self.server.get("machine", self.target.arch),
                 "machine_checked": "server report and probe" if self.server else "probe (the server does not report)",
                 "platform": self.server.get("platform", ""), "cpu": self.server.get("cpu", ""),
                 "cpus": self.server.get("cpus"), "tvm_num_threads": self.server.get("tvm_num_threads", ""),
@@ -258,5 +272,11 @@ class Remote:
                 "note": self.server.get("note", ""), "message_overhead": "measured on the host"}
 
     def close(self) -> None:
-        self.session = None
+        """End the session now (a server serves one at a time; garbage collection may be late)."""
+        if self.session is not None:
+            try:
+                self.session._sess.get_function("CloseRPCConnection")()
+            except Exception:   # noqa: BLE001 - already closed by the other side
+                pass
+            self.session = None
         self._tmp.cleanup()

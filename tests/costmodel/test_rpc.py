@@ -110,6 +110,14 @@ def test_profile_pi4_over_rpc_on_emulated_device(tmp_path, capsys):
         out = tmp_path / "pi4.json"
         assert main(["profile", "--target", "pi4", "--rpc", address, "--tiny", "-o", str(out)]) == 0
         assert f"measured on aarch64 over TVM RPC at {address}, emulated" in capsys.readouterr().out
+        # a program without kernels (its library packs only the VM code) cross-compiles and runs
+        host, port = address.rsplit(":", 1)
+        bench = Remote(targets.get("pi4"), host, int(port))
+        try:
+            drop = bench.layer(mb.Case("drop", nn.Dropout(), ((1, 8, 4, 4),)))
+        finally:
+            bench.close()
+        assert drop[0].kind == M.DROPOUT and drop[0].seconds > 0
         # an x86 target against the aarch64 server: refused with both arches named
         with pytest.raises(ProfileError, match="runs on aarch64, but target 'local' builds for x86_64"):
             profile_target("local", rpc=address, tiny=True, progress=False)
