@@ -80,6 +80,11 @@ def _server_machine(session) -> dict:
         return {}
 
 
+def _last_line(e: Exception) -> str:
+    """The device's own message: the last line of an RPC error (the rest is its traceback)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[-1]
+
+
 class Remote:
     """A device reached over TVM RPC; the `bench.Local` interface, measured there."""
 
@@ -134,7 +139,7 @@ class Remote:
         except Exception as e:   # noqa: BLE001 - the device's own error, with what we sent
             raise ProfileError(f"the device at {self.address} could not load {what} built for target "
                                f"{self.target.name!r} ({self.target.arch}, {self.target.tvm_target()}): "
-                               f"{str(e).strip().splitlines()[-1]}. Is the device an {self.target.arch} "
+                               f"{_last_line(e)}. Is the device an {self.target.arch} "
                                "machine with a TVM runtime of this version?") from None
         return lib
 
@@ -153,6 +158,7 @@ class Remote:
     def _probe(self) -> None:
         """Run one small program on the device and compare it with numpy: the device loads what
         the target builds (a wrong arch fails here even when the server cannot say its arch)."""
+        import tvm
         from torch import nn
 
         from edgecut.costmodel.microbench import compile_module
@@ -161,8 +167,6 @@ class Remote:
         built = compile_module(nn.ReLU(), [shape], self.target)
         vm = self._vm(built, "a probe program")
         x = np.random.default_rng(0).standard_normal(shape).astype("float32")
-        import tvm
-
         got = vm["main"](tvm.runtime.tensor(x, self.dev)).numpy()
         if not np.allclose(got, np.maximum(x, 0)):
             raise ProfileError(f"the device at {self.address} computed a wrong ReLU for target "
@@ -185,7 +189,7 @@ class Remote:
             runs = timer(*args).results
         except Exception as e:   # noqa: BLE001
             raise ProfileError(f"timing {what} on the device at {self.address} failed: "
-                               f"{str(e).strip().splitlines()[-1]}") from None
+                               f"{_last_line(e)}") from None
         return float(np.quantile(runs, QUANTILE))
 
     def layout(self, shape) -> float:
