@@ -126,14 +126,16 @@ class DeviceRuntime:
     calibrate: True (the device calibration beside the artifact; made at this first start when
     missing or older than the artifact), a path or a `Calibration`, or False (plan with the
     artifact's predictions). quantile: of the measured times to plan with (0.99). adapt: correct
-    the estimates online from every request (`window` samples per plan). See `replan.Replanner`."""
+    the estimates online from every request (`window` samples per plan); an estimate raised
+    online for a plan no longer used returns to its calibrated value after `recheck_s` (doubled
+    each time the plan proves still slow), so the plan is tried again. See `replan.Replanner`."""
 
     def __init__(self, artifact, edge: tuple[str, int] | None = None, *, token: bytes | None = None,
                  backend: str = "tvm", deadline: float | None = None, early_exit: bool = True,
                  connect_timeout: float = 2.0, request_timeout: float = 30.0, retry_interval: float = 1.0,
                  probe_interval: float | None = 5.0, initial_bandwidth: float | None = None,
                  max_frame: int = P.DEFAULT_MAX_FRAME, calibrate=True, quantile: float = 0.99,
-                 adapt: bool = True, window: int = 32):
+                 adapt: bool = True, window: int = 32, recheck_s: float = 30.0):
         if hasattr(artifact, "run"):
             self.part = artifact
         else:
@@ -141,7 +143,7 @@ class DeviceRuntime:
             self.part = load(artifact, side="device", backend=backend)
         self.model, self.manifest_sha256 = P.manifest_identity(self.part)
         self.planner = Replanner(self.part, deadline=deadline, calibrate=calibrate, quantile=quantile,
-                                 adapt=adapt, window=window)
+                                 adapt=adapt, window=window, recheck_s=recheck_s)
         self.edge, self.token = edge, (bytes(token) if token else None)
         self.deadline, self.early_exit = deadline, early_exit
         self.connect_timeout, self.request_timeout, self.retry_interval = connect_timeout, request_timeout, retry_interval

@@ -13,20 +13,28 @@ deadline, from measurements), and changes an estimate when
   (they describe the machine before the step). A step down waits for the drift rule: a plan too
   slow misses deadlines, one too fast only costs accuracy for a while;
 - a request missed its deadline because that part did not finish (a timeout: a censored sample,
-  a lower bound): at once, the estimate becomes at least what was waited;
+  a lower bound): at once, the estimate becomes twice what was waited (what was waited is
+  about the deadline's share of that part, and planning to it would just fit again);
 - it drifts: with `min_samples` or more in the window, its quantile is off the estimate by more
   than `tolerance`.
 
 A rise on one plan raises the same side's other plans too: a throttled or loaded device slows
 every part it runs (by the same ratio), a busy edge adds its queue to every request (by the same
 difference, or the same ratio where that says slower); the runtime should not try each plan in
-turn to learn it. A fall moves only the plan that was measured. Thread-safe. Torch-free.
+turn to learn it. A fall moves only the plan that was measured.
+
+An estimate raised online for a plan that is then no longer used is never measured again, so it
+returns to its calibrated value after `recheck_s` without samples (30 s; doubled each time the
+plan proves still slow, reset when it runs as calibrated): the planner tries it again. Costs one
+late request per recheck while the edge stays busy; without it, one slow spell would pin the
+device to a worse plan for good. Thread-safe. Torch-free.
 """
 from __future__ import annotations
 
 import logging
 import math
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, replace
 
@@ -35,6 +43,7 @@ from edgecut.runtime.calibration import ensure_calibration, quantile
 from edgecut.types import Link
 
 SIDES = ("device", "edge")
+CENSORED_FACTOR = 2.0     # a part that did not finish in t seconds is planned as taking this x t
 
 log = logging.getLogger("edgecut.runtime.replan")
 
@@ -59,15 +68,18 @@ class LatencyEstimates:
     `planning.RouteCost` values holding the starting estimates."""
 
     def __init__(self, routes, *, quantile: float = 0.99, window: int = 32, tolerance: float = 0.15,
-                 step: int = 3, min_samples: int = 8):
+                 step: int = 3, min_samples: int = 8, recheck_s: float = 30.0):
         if not 0 < quantile < 1:
             raise ValueError(f"quantile must be in (0, 1), e.g. 0.99, got {quantile}")
         self.quantile, self.window, self.tolerance = float(quantile), int(window), float(tolerance)
-        self.step, self.min_samples = int(step), int(min_samples)
+        self.step, self.min_samples, self.recheck_s = int(step), int(min_samples), float(recheck_s)
         self._routes = {r.plan_id: r for r in routes}
         self._est = {"device": {p: r.device_s for p, r in self._routes.items()},
                      "edge": {p: r.edge_s for p, r in self._routes.items() if not r.device_only}}
         self._obs = {s: {p: deque(maxlen=self.window) for p in self._routes} for s in (*SIDES, "transfer")}
+        self._base = {s: dict(e) for s, e in self._est.items()}            # what `relax` returns to
+        self._seen = {s: dict.fromkeys(e, -math.inf) for s, e in self._est.items()}  # last sample or rise
+        self._backoff = {s: dict.fromkeys(e, self.recheck_s) for s, e in self._est.items()}
         self._lock = threading.Lock()
         self.version = 0                  # bumped by every change of an estimate
         self.changes: list[Change] = []   # every change, in order
@@ -78,7 +90,7 @@ class LatencyEstimates:
         with self._lock:
             for pid, s in seconds.items():
                 if pid in self._est[side]:
-                    self._est[side][pid] = float(s)
+                    self._est[side][pid] = self._base[side][pid] = float(s)
                     self._obs[side][pid].clear()
             self.version += 1
 
@@ -111,9 +123,10 @@ class LatencyEstimates:
             est = self._est[side][plan_id]
             tol = self.tolerance * est
             new, why = None, ""
+            self._seen[side][plan_id] = time.monotonic()
             recent = list(w)[-self.step:]
-            if censored and seconds > est:
-                new, why = seconds, "did not finish in time"
+            if censored and seconds > est:       # a lower bound: planning to it would just fit again
+                new, why = CENSORED_FACTOR * seconds, f"did not finish in {seconds * 1e3:.3g} ms"
             elif len(recent) == self.step and all(x > est + tol for x in recent):
                 new, why = max(recent), f"step seen in {self.step} requests"
                 w.clear()
@@ -123,6 +136,8 @@ class LatencyEstimates:
                 if abs(q - est) > tol:
                     new, why = q, f"p{self.quantile * 100:g} of the last {len(w)} requests"
             if new is None or new == est:
+                if est <= self._base[side][plan_id] * (1 + self.tolerance):
+                    self._backoff[side][plan_id] = self.recheck_s        # it ran as calibrated
                 return None
             self._move(side, plan_id, est, new)
             change = Change(plan_id, side, est, new, why)
@@ -140,9 +155,32 @@ class LatencyEstimates:
         for pid, e in ests.items():
             if pid == plan_id:
                 continue
+            self._seen[side][pid] = time.monotonic()
             moved = ([e * ratio] if ratio is not None else []) + ([e + new - old] if side == "edge" or ratio is None else [])
             ests[pid] = max(0.0, max(moved))
             self._obs[side][pid].clear()       # its samples describe the machine before the change
+
+
+    def relax(self) -> list:
+        """Estimates raised online whose plan has not been measured for its backoff (first
+        `recheck_s`, doubled each time): back to their calibrated value, so the planner tries the
+        plan again (an edge that was busy may be free now; a still busy one is seen at the first
+        request and raised again). The changes made."""
+        now, changes = time.monotonic(), []
+        with self._lock:
+            for side in SIDES:
+                for pid, e in self._est[side].items():
+                    base, wait = self._base[side][pid], self._backoff[side][pid]
+                    if e > base * (1 + self.tolerance) and now - self._seen[side][pid] >= wait:
+                        self._est[side][pid], self._seen[side][pid] = base, now
+                        self._obs[side][pid].clear()
+                        self._backoff[side][pid] = 2 * wait
+                        changes.append(Change(pid, side, e, base, f"not measured for {wait:g} s: "
+                                                                   "trying its calibrated time again"))
+            if changes:
+                self.changes.extend(changes)
+                self.version += 1
+        return changes
 
 
 class Replanner:
@@ -155,11 +193,11 @@ class Replanner:
     choice) is planned over that table's plans only."""
 
     def __init__(self, part, *, deadline: float | None = None, calibrate=True, quantile: float = 0.99,
-                 adapt: bool = True, window: int = 32):
+                 adapt: bool = True, window: int = 32, recheck_s: float = 30.0):
         self.part, self.deadline, self.adapt = part, deadline, adapt
         self.table = part.table
         self.rtt = 0.0
-        self.estimates = LatencyEstimates(self._routes(), quantile=quantile, window=window)
+        self.estimates = LatencyEstimates(self._routes(), quantile=quantile, window=window, recheck_s=recheck_s)
         self.calibration = ensure_calibration(part, "device", calibrate)
         self.measured = self.calibration is not None
         self._welcome: dict = {}
@@ -186,6 +224,12 @@ class Replanner:
     def choose(self, bandwidth: float, rtt: float, deadline: float | None, edge_available: bool):
         """The Plan for one request (see `DeviceRuntime.choose_plan`)."""
         self.rtt = rtt
+        if self.adapt and self.measured:
+            relaxed = self.estimates.relax()
+            for change in relaxed:
+                log.info("re-planning: %s", change)
+            if relaxed:
+                self.resolve()
         if not self.measured and (deadline is None or math.isclose(deadline, self.table.deadline, rel_tol=1e-6)):
             return self.table.lookup(bandwidth)
         d = self.deadline_of(deadline)

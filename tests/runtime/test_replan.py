@@ -86,10 +86,29 @@ def test_a_busy_edge_is_seen_and_planned_around(art):
         edge.extra = 0.08
         results = [rt.infer(x) for _ in range(8)]
         late = [r for r in results if r.total_s > DEADLINE]
-        assert len(late) <= 1, [(r.plan_id, r.where, round(r.total_s, 3)) for r in results]
+        assert len(late) <= 1, ([(r.plan_id, r.where, r.reason, round(r.total_s, 3)) for r in results], rt.plan_history,
+                                rt.estimates.changes)
         assert all(r.plan_id == "e0/device" for r in results[1:5]), rt.plan_history
         assert results[0].where == "fallback" and "timed out" in results[0].reason
         assert all(r.where == "device" for r in results[1:])
+
+
+def test_the_edge_is_tried_again_once_it_may_be_free(art):
+    path, x = art
+    edge = _edge(path)
+    with EdgeServer(edge, "127.0.0.1", 0) as server, \
+            DeviceRuntime(path, edge=server.address, probe_interval=None, initial_bandwidth=1e9,
+                          deadline=DEADLINE, recheck_s=0.3) as rt:
+        for _ in range(3):
+            assert rt.infer(x).where == "edge"
+        edge.extra = 0.08
+        assert rt.infer(x).where == "fallback"
+        assert [rt.infer(x).where for _ in range(3)] == ["device"] * 3
+        time.sleep(0.35)                              # still busy: one late answer, then the device again
+        assert [rt.infer(x).where for _ in range(3)] == ["fallback", "device", "device"]
+        edge.extra = 0.0
+        time.sleep(0.65)                              # the backoff doubled
+        assert [rt.infer(x).where for _ in range(3)] == ["edge"] * 3, rt.estimates.changes
 
 
 def test_a_bandwidth_step_through_the_link_emulator(art):
