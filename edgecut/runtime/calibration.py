@@ -59,14 +59,19 @@ def quantile(samples, q: float) -> float:
 
 
 def _cpu_model() -> str:
+    """The CPU's model name (x86: "model name"; a Pi: "Model", "Hardware"), else
+    platform.processor()."""
+    found = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip().lower() in ("model name", "hardware", "cpu model", "model"):
-                    return value.strip()
+                found.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
+    for key in ("model name", "model", "hardware", "cpu model"):      # x86 "model" is a number
+        if found.get(key) and not found[key].isdigit():
+            return found[key]
     return platform.processor() or "unknown"
 
 
@@ -301,5 +306,10 @@ def ensure_calibration(part, side: str, spec=True, **kw) -> Calibration | None:
             return cal
     log.info("calibrating the %s side of %s (no calibration in %s yet)", side, getattr(part, "path", "?"), path)
     cal = calibrate(part, side, **kw)
-    cal.save(path)
+    try:
+        cal.save(path)
+    except OSError as e:
+        log.warning("cannot save the %s calibration to %s (%s): using it for this run only; pass a "
+                    "writable path (--calibration FILE) to keep it", side, path, e.strerror or e)
+        return cal
     return replace(cal, path=str(path))

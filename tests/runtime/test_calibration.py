@@ -132,3 +132,10 @@ def _load(path):
     from edgecut.codegen.load import load
 
     return load(path, "device")
+
+
+def test_a_calibration_that_cannot_be_saved_is_still_used(art, tmp_path, caplog):
+    where = tmp_path / "no such dir" / "cal.json"
+    cal = ensure_calibration(_load(art), "device", where, repeats=1)
+    assert cal.path is None and set(cal.samples) == {"e0/device", "e1/mid", "e1/input"}
+    assert "for this run only" in caplog.text and not where.exists()
