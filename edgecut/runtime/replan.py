@@ -82,6 +82,8 @@ class LatencyEstimates:
         self._backoff = {s: dict.fromkeys(e, self.recheck_s) for s, e in self._est.items()}
         self._lock = threading.Lock()
         self.version = 0                  # bumped by every change of an estimate
+        self._cache = (-1, [])            # (version, routes)
+        self._raised = False              # some estimate may be above its calibrated value
         self.changes: list[Change] = []   # every change, in order
 
     def set(self, side: str, seconds: dict) -> None:
@@ -99,10 +101,13 @@ class LatencyEstimates:
             return dict(self._est[side])
 
     def routes(self) -> list:
-        """The routes with the current estimates."""
+        """The routes with the current estimates (rebuilt only when an estimate moved)."""
         with self._lock:
-            return [replace(r, device_s=self._est["device"][p], edge_s=self._est["edge"].get(p, 0.0))
-                    for p, r in self._routes.items()]
+            if self._cache[0] != self.version:
+                self._cache = (self.version, [replace(r, device_s=self._est["device"][p],
+                                                      edge_s=self._est["edge"].get(p, 0.0))
+                                              for p, r in self._routes.items()])
+            return self._cache[1]
 
     def observed(self, plan_id: str, side: str) -> tuple:
         with self._lock:
@@ -151,6 +156,7 @@ class LatencyEstimates:
         ests[plan_id] = new
         if new <= old:
             return
+        self._raised = True
         ratio = new / old if old > 0 else None
         for pid, e in ests.items():
             if pid == plan_id:
@@ -168,6 +174,9 @@ class LatencyEstimates:
         request and raised again). The changes made."""
         now, changes = time.monotonic(), []
         with self._lock:
+            if not self._raised:
+                return changes
+            raised = False
             for side in SIDES:
                 for pid, e in self._est[side].items():
                     base, wait = self._base[side][pid], self._backoff[side][pid]
@@ -177,6 +186,8 @@ class LatencyEstimates:
                         self._backoff[side][pid] = 2 * wait
                         changes.append(Change(pid, side, e, base, f"not measured for {wait:g} s: "
                                                                    "trying its calibrated time again"))
+                    raised |= self._est[side][pid] > base * (1 + self.tolerance)
+            self._raised = raised
             if changes:
                 self.changes.extend(changes)
                 self.version += 1

@@ -148,3 +148,24 @@ def test_without_measurements_the_artifacts_table_routes(art):
         assert not rt.measured and r.plan_id == "e0/device"           # the table's range [0, 1 Mbit/s)
         assert rt.table is rt.part.table and not (path / "calibration-device.json").exists()
         assert np.isfinite(r.logits).all()
+
+
+@pytest.mark.parametrize("step", ["edge load", "bandwidth"])
+def test_200_requests_with_one_step_meet_99_percent(art, step):
+    path, x = art
+    edge = _edge(path)
+    with EdgeServer(edge, "127.0.0.1", 0) as server, \
+            LinkEmulator(to=server.address, rate=400e6, delay=0.001) as link, \
+            DeviceRuntime(path, edge=link.address, probe_interval=None, deadline=0.1) as rt:
+        results = []
+        for i in range(200):
+            if i == 100:
+                if step == "bandwidth":
+                    link.set_rate(up=100e3, down=100e3)
+                else:
+                    edge.extra = 0.15
+            results.append(rt.infer(x))
+        met = sum(r.total_s <= 0.1 for r in results)
+        assert met >= 198, [(i, r.plan_id, r.where, round(r.total_s, 3)) for i, r in enumerate(results)
+                            if r.total_s > 0.1]
+        assert {r.where for r in results[:100]} == {"edge"} and {r.where for r in results[105:]} == {"device"}
