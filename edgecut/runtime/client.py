@@ -8,7 +8,7 @@ answer, so a local exit did) and why, and the time split (device, transfer, edge
 Plans from measurements: at its first start the runtime times its device parts (`calibration`;
 kept beside the artifact, redone when stale), takes the edge's measured times from the server's
 welcome, and plans every request with `planning.choose` over the artifact's runnable plans: their
-device and edge seconds (`estimates.LatencyEstimates`, corrected online from every request's
+device and edge seconds (`replan.LatencyEstimates`, corrected online from every request's
 measured times, planned to the `quantile`, p99 by default) and the link's bandwidth and RTT
 (`bandwidth.BandwidthEstimator`, fed by every transfer, and by a small probe when the link has
 been idle for `probe_interval` seconds). `table` is the plan table re-solved from the current

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from test_e2e import NO_TORCH_CLI
 
+from edgecut.codegen.manifest import load_arrays
 from edgecut.errors import ArtifactError
 from edgecut.runtime.calibration import (Calibration, calibrate, default_path, ensure_calibration, fingerprint,
                                          quantile)
@@ -123,6 +125,13 @@ def test_calibrate_cli_without_torch(art, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, "calibrate", str(art), "--side", "edge", "--repeats", "1"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and (art / "calibration-edge.json").is_file(), r.stderr[-3000:]
+    # `edgecut run` calibrates at its first start, without torch too
+    (art / "calibration-device.json").unlink(missing_ok=True)
+    np.save(tmp_path / "x.npy", load_arrays(art / "reference.msgpack")["inputs"]["x"])
+    r = subprocess.run([sys.executable, "-c", code, "run", str(art), "--input", str(tmp_path / "x.npy"), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["where"] == "device", r.stderr[-3000:]
+    assert Calibration.load(art / "calibration-device.json").side == "device"
     r = subprocess.run([sys.executable, "-c", code, "calibrate", str(art / "nope"), "--side", "edge"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not an edgecut artifact" in r.stderr
