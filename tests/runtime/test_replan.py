@@ -62,6 +62,7 @@ def test_plans_from_the_device_calibration_and_the_edges_welcome(art):
             assert not rt.estimates.changes
             assert rt.estimates.seconds("edge") == pytest.approx(server.edge_s)     # from the welcome
             assert r.where == "edge" and r.exit_id == 1 and r.plan_id == rt.table.lookup(1e9).id
+            assert 0 < r.predicted_s < DEADLINE          # what it was planned with: calibrated + link
             # 3 KiB at 50 kbit/s is 0.5 s: the re-solved table keeps exit 0 on the device there
             assert rt.table.lookup(50e3).id == "e0/device"
             assert rt.table.deadline == DEADLINE and all(p.feasible for p in rt.table.plans)
