@@ -58,7 +58,11 @@ def test_layout_and_manifest(built):
     assert again.table == table and again.routes == manifest.routes and again.files == manifest.files
     for seg in manifest.segments:
         assert (out / "onnx" / f"{seg.name}.onnx").is_file()
-        assert (out / "device" / f"{seg.name}.so").is_file() and (out / "edge" / f"{seg.name}.params").is_file()
+        sides = [lib.side for lib in manifest.libraries if lib.segment == seg.name]
+        assert sides and all((out / side / f"{seg.name}.so").is_file() and (out / side / f"{seg.name}.params").is_file()
+                             for side in sides)
+    for side in ("device", "edge"):       # every weight once per side, shared by the libraries using it
+        assert (out / side / "weights.msgpack").is_file() and f"{side}/weights.msgpack" in manifest.files
     assert all(len(h) == 64 for h in manifest.files.values())
     assert manifest.versions["tvm"] and manifest.targets["device"]["name"] == "local"
     assert all(c["tvm_vs_torch"] <= 1e-4 and c["onnx_vs_tvm"] <= 1e-4 for c in manifest.checks.values())
