@@ -207,3 +207,47 @@ def test_zoo_three_cuts_reproduce_pytorch(name, tmp_path):
     for plan in table.plans:
         res = chain(tmp_path, plan.id, x.numpy())
         assert res.done and max_error(res.outputs["logits"], want) <= 1e-4, (name, plan.id)
+
+
+def test_manifest_candidates_round_trip_and_old_manifests(built):
+    name, model, x, table, out, manifest = built
+    assert {p.id for p in manifest.candidates} == {p.id for p in (*table.plans, manifest.fallback)}
+    assert set(manifest.routes) == {p.id for p in manifest.candidates}
+    assert Manifest.from_dict(manifest.to_dict()).candidates == manifest.candidates
+    old = manifest.to_dict()
+    del old["candidates"]
+    for seg in old["segments"]:
+        del seg["macs"]
+    for lib in old["libraries"]:
+        del lib["weights"]
+    again = Manifest.from_dict(old)         # written before candidates: the table's plans and the fallback
+    assert [p.id for p in again.candidates] == list(dict.fromkeys(p.id for p in (*table.plans, manifest.fallback)))
+    assert all(s.macs == 0 for s in again.segments) and all(lib.weights == "" for lib in again.libraries)
+
+
+def test_a_route_calls_one_library_per_check_span_however_many_cuts(tmp_path):
+    """tiny_chain with an exit after pool1 (checked, never firing) and cuts all along
+    the backbone: each route calls its device spans, one head per check, and one edge library."""
+    import edgecut
+
+    model, x = zoo.get("tiny_chain"), torch.randn(1, 3, 16, 16)
+    tv = insert_exits(edgecut.trace(model, x), ["pool1"])
+    tv.meta[meta.EXITS][0]["threshold"] = 0.0          # entropy is never below 0: the head runs, never stops
+    names = ["relu1", "pool1", "relu2", "fc"]
+    cuts = [(1, make_cut(tv, [], "input", 1))] + [(1, make_cut(tv, [n], n, 1)) for n in names]
+    m = build_artifact(tv, make_table(tv, cuts), "local", "local", tmp_path / "a", (x,), onnx=False, progress=False)
+    want = [t.detach().numpy() for t in tv(x)]
+    calls = []
+    dev, edge = load(tmp_path / "a", "device"), load(tmp_path / "a", "edge")
+    for part in (dev, edge):
+        part._run = {k: (lambda ins, fn=fn, k=k: calls.append(k) or fn(ins)) for k, fn in part._run.items()}
+    for plan_id, r in m.routes.items():
+        calls.clear()
+        res = dev.run(plan_id, {"x": x.numpy()})
+        if not res.done:
+            res = edge.run(plan_id, res.outputs)
+        assert res.exit_id == r.exit and max_error(res.outputs["logits"], want[r.exit]) <= 1e-4, plan_id
+        on_device = {n for s in m.segments if s.name in r.device for n in s.nodes}
+        spans = 0 if not on_device else 2 if "conv2" in on_device else 1   # split at exit 0's branch point only
+        assert len(r.device) == spans and len(r.checks) == ("pool1" in on_device), plan_id
+        assert len(calls) == spans + len(r.checks) + (1 if r.edge else 0), plan_id
