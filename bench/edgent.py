@@ -11,7 +11,10 @@ edge server and link emulator, each request through the real runtime):
 Each strategy is told the link's true bandwidth. A request counts as "within deadline and correct"
 when it returns within the deadline with the right label; a late answer counts as a miss.
 
-    python bench/edgent.py [--requests 40] [--slowdown 20] [--epochs 15]
+The device is emulated (`runtime.emulate.EmulatedDevice` with a fixed `DeviceModel`, by default
+`PI_CLASS`) and planned with that model's profile, so its speed does not depend on this machine.
+
+    python bench/edgent.py [--requests 40] [--device-macs 0.7e9] [--device-call-ms 0.5] [--epochs 15]
 Last line: `edgecut accuracy-within-deadline X vs best baseline Y (name)`.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -32,7 +36,7 @@ from edgecut.data import digits
 from edgecut.passes.find_cuts import cut_problem, exit_specs
 from edgecut.passes.solve import exit_order, make_plan, solve
 from edgecut.runtime.client import DeviceRuntime
-from edgecut.runtime.emulate import SlowDevice
+from edgecut.runtime.emulate import PI_CLASS, EmulatedDevice
 from edgecut.runtime.linkemu import LinkEmulator
 from edgecut.runtime.server import EdgeServer
 from edgecut.types import Link, PlanTable
@@ -71,7 +75,8 @@ class FixedPlan:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=40)
-    ap.add_argument("--slowdown", type=float, default=100.0)
+    ap.add_argument("--device-macs", type=float, default=PI_CLASS.macs_per_s, help="emulated device MAC/s")
+    ap.add_argument("--device-call-ms", type=float, default=PI_CLASS.call_s * 1e3, help="emulated device ms a call")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--rtt", type=float, default=0.02)
     ap.add_argument("--bandwidths", default="0.5,2,8,32", help="Mbit/s, comma-separated")
@@ -85,7 +90,8 @@ def main() -> None:
     train, val, test = digits((3, 32, 32))
     x0 = test[0][0].unsqueeze(0)
     edge_prof = load_profile("local")
-    dev_prof = edge_prof.scaled(a.slowdown)
+    device = replace(PI_CLASS, macs_per_s=a.device_macs, call_s=a.device_call_ms / 1e3)
+    dev_prof = device.profile()
     t0 = time.monotonic()
     art = edgecut.compile(zoo.get("alexnet_cifar"), x0, target="local", edge="local", deadline=deadlines[0],
                           data=(train, val, test), profile=dev_prof, edge_profile=edge_prof, rtt=a.rtt,
@@ -119,7 +125,7 @@ def main() -> None:
     servers = {path: EdgeServer(path, "127.0.0.1", 0, workers=1).start() for path in paths.values()}
     links = {path: LinkEmulator(("127.0.0.1", 0), srv.address, rate=bws[0], delay=a.rtt / 2).start()
              for path, srv in servers.items()}
-    devices = {path: SlowDevice(load(path, "device"), a.slowdown) for path in paths.values()}
+    devices = {path: EmulatedDevice(load(path, "device"), device) for path in paths.values()}
     score = {s: [] for s in STRATEGIES}
     rows = []
     try:
