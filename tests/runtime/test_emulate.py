@@ -63,7 +63,7 @@ def test_emulated_device_takes_its_model_time_whatever_the_idle_gaps(device_only
     the faster half; all 20 runs count when the machine is not overloaded."""
     m, x, gm, plan, out = device_only
     part = load(out, "device")
-    model = DeviceModel(macs_per_s=50e6, call_s=10e-3, s_per_elem=1e-7)
+    model = DeviceModel(macs_per_s=50e6, call_s=30e-3, s_per_elem=1e-7)
     dev = EmulatedDevice(part, model)
     seg = part.manifest.segments[0]
     elems = sum(math.prod(part.manifest.tensors[n].shape) for n in (*seg.inputs, *seg.outputs))
