@@ -70,7 +70,7 @@ class RouteCost:
                     feasible=need <= deadline, shortfall_s=max(0.0, need - deadline))
 
 
-def _plans_of(manifest) -> list:
+def runnable_plans(manifest) -> list:
     """The manifest's runnable plans: `candidates` when it has them, else the table's plans and
     the fallback, each id once."""
     cands = getattr(manifest, "candidates", None)
@@ -101,7 +101,7 @@ def route_costs(manifest, device_s: dict | None = None, edge_s: dict | None = No
     routes, tensors = getattr(manifest, "routes", None) or {}, getattr(manifest, "tensors", None) or {}
     exits = {e.id: e for e in getattr(manifest, "exits", ())}
     out = []
-    for p in _plans_of(manifest):
+    for p in runnable_plans(manifest):
         route = routes.get(p.id)
         up, down = int(p.cut.crossing_bytes), 0
         if route is not None and all(c in tensors for c in route.crossing):
