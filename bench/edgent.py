@@ -31,8 +31,10 @@ import edgecut
 from edgecut import zoo
 from edgecut.codegen.artifact import build_artifact
 from edgecut.codegen.load import load
+from edgecut.codegen.manifest import Manifest
 from edgecut.costmodel.profile import load_profile
 from edgecut.data import digits
+from edgecut.passes.candidates import predict_routes
 from edgecut.passes.find_cuts import cut_problem, exit_specs
 from edgecut.passes.solve import exit_order, make_plan, solve
 from edgecut.runtime.client import DeviceRuntime
@@ -105,7 +107,7 @@ def main() -> None:
               for s in STRATEGIES for bw in bws for d in deadlines}
     # One artifact per set of plans a strategy uses (as compile would build it), so that no
     # strategy pays for segments cut for another's plans.
-    paths, groups = {}, {}
+    paths, groups, predicted = {}, {}, {}
     for (s, bw, d), p in choice.items():
         groups.setdefault((s, d), {})[p.id] = p
     for key, plans in groups.items():
@@ -113,8 +115,10 @@ def main() -> None:
         if ids not in paths:
             path = f"{a.out}/plans-{len(paths)}"
             carrier = PlanTable(tuple(float(i) for i in range(len(ids))), tuple(plans[i] for i in ids), key[1])
-            build_artifact(gm, carrier, "local", "local", path, (x0,), model_name="alexnet_cifar", onnx=False,
-                           progress=False)
+            m = build_artifact(gm, carrier, "local", "local", path, (x0,), model_name="alexnet_cifar", onnx=False,
+                               progress=False)
+            for ee in (False, True):     # as built: the nodes' seconds and one segment call per library call
+                predicted[path, ee] = {p.id: p for p in predict_routes(gm, m, dev_prof, edge_prof, early_exit=ee)}
             paths[ids] = path
         groups[key] = paths[ids]
     print(f"{len(paths)} artifacts for {len(groups)} (strategy, deadline) pairs")
@@ -122,7 +126,8 @@ def main() -> None:
     xs = np.stack([test[i][0].numpy() for i in range(len(test))])[:, None]
     ys = np.array([int(test[i][1]) for i in range(len(test))])
     order = np.random.default_rng(0).permutation(len(xs))[: a.requests]
-    servers = {path: EdgeServer(path, "127.0.0.1", 0, workers=1).start() for path in paths.values()}
+    offload = [path for path in paths.values() if any(r.edge for r in Manifest.read(path).routes.values())]
+    servers = {path: EdgeServer(path, "127.0.0.1", 0, workers=1).start() for path in offload}   # device-only: no edge
     links = {path: LinkEmulator(("127.0.0.1", 0), srv.address, rate=bws[0], delay=a.rtt / 2).start()
              for path, srv in servers.items()}
     devices = {path: EmulatedDevice(load(path, "device"), device) for path in paths.values()}
@@ -135,7 +140,8 @@ def main() -> None:
             for d in deadlines:
                 for s in STRATEGIES:
                     plan, path = choice[(s, bw, d)], groups[(s, d)]
-                    rt = DeviceRuntime(FixedPlan(devices[path], plan, d), edge=links[path].address,
+                    rt = DeviceRuntime(FixedPlan(devices[path], plan, d),
+                                       edge=links[path].address if path in links else None,
                                        probe_interval=None, early_exit=(s == "edgecut+ee"), initial_bandwidth=bw)
                     ok = met = 0
                     lat = []
@@ -150,7 +156,9 @@ def main() -> None:
                     finally:
                         rt.close()
                     score[s].append(ok / len(order))
-                    rows.append((format_bandwidth(bw), format_time(d), s, plan.id, format_time(plan.latency_s),
+                    built = predicted[path, s == "edgecut+ee"][plan.id]
+                    rows.append((format_bandwidth(bw), format_time(d), s, plan.id,
+                                 format_time(built.device_s + plan.transfer_s + built.edge_s),
                                  format_time(statistics.median(lat)), f"{100 * met / len(order):.0f}%",
                                  f"{ok / len(order):.3f}"))
                     print("  ".join(rows[-1]), flush=True)

@@ -106,12 +106,13 @@ def candidates(gm: fx.GraphModule, factors=FACTORS, per_exit: int = PER_EXIT, ke
     return tuple(out)
 
 
-def predict_routes(gm: fx.GraphModule, manifest, device_profile, edge_profile) -> tuple[Plan, ...]:
+def predict_routes(gm: fx.GraphModule, manifest, device_profile, edge_profile,
+                   early_exit: bool = True) -> tuple[Plan, ...]:
     """`manifest.candidates` with the seconds their routes take as built: on each side, the
     nodes' predicted seconds (`meta.DEVICE_S` / `meta.EDGE_S`) of every segment the route calls,
     plus one `Profile.segment_seconds(in, out elements)` per call (the VM call, the numpy <-> TVM
-    copies, the layout transforms at its boundary). The device part counts its early-exit heads:
-    it is the time when no exit fires, the one a deadline must survive."""
+    copies, the layout transforms at its boundary). With `early_exit` the device part counts its
+    early-exit heads: the time when no exit fires, the one a deadline must survive."""
     import math
 
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -131,7 +132,7 @@ def predict_routes(gm: fx.GraphModule, manifest, device_profile, edge_profile) -
     out = []
     for p in manifest.candidates:
         r = manifest.route(p.id)
-        device = (*r.device, *(h for _, _, heads in r.checks for h in heads))
+        device = (*r.device, *(h for _, _, heads in r.checks for h in heads if early_exit))
         out.append(replace(p, device_s=seconds(device, meta.DEVICE_S, device_profile), transfer_s=0.0,
                            edge_s=seconds(r.edge, meta.EDGE_S, edge_profile), feasible=True, shortfall_s=0.0))
     return tuple(out)
