@@ -11,7 +11,7 @@ from edgecut import zoo
 from edgecut.cli import main as cli
 from edgecut.codegen.artifact import build_artifact
 from edgecut.codegen.load import load
-from edgecut.codegen.manifest import FORMAT_VERSION, MANIFEST, Manifest, max_error
+from edgecut.codegen.manifest import FORMAT_VERSION, MANIFEST, Manifest, load_arrays, max_error
 from edgecut.errors import ArtifactError, CodegenError
 from edgecut.frontend import meta
 from edgecut.passes.insert_exits import insert_exits
@@ -63,6 +63,9 @@ def test_layout_and_manifest(built):
                              for side in sides)
     for side in ("device", "edge"):       # every weight once per side, shared by the libraries using it
         assert (out / side / "weights.msgpack").is_file() and f"{side}/weights.msgpack" in manifest.files
+        store = load_arrays(out / side / "weights.msgpack")
+        refs = [r["ref"] for lib in manifest.libraries if lib.side == side for r in load_arrays(out / lib.params)]
+        assert set(refs) == set(store) and len(store) < len(refs)     # overlapping libraries share weights
     assert all(len(h) == 64 for h in manifest.files.values())
     assert manifest.versions["tvm"] and manifest.targets["device"]["name"] == "local"
     assert all(c["tvm_vs_torch"] <= 1e-4 and c["onnx_vs_tvm"] <= 1e-4 for c in manifest.checks.values())
