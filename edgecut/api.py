@@ -3,8 +3,10 @@
     gm = trace(model, x)                        torch.fx graph, metadata on every node
     gm = insert_exits + train_exits             right-sizing: BranchyNet exits trained on data
     gm = annotate_cost(gm, device, edge)        predicted seconds per node on both sides
-    table = plan_table(gm, deadline, ...)       the (exit, cut) plan per bandwidth range
-    manifest = build_artifact(gm, table, ...)   TVM libraries per side, ONNX copies, manifest
+    table = plan_table(gm, deadline, ...)       a first (exit, cut) plan per bandwidth range
+    cands = candidates(gm, keep=table.plans)    the cuts a calibrated device may want (Pareto fronts)
+    manifest = build_artifact(gm, table, ...)   TVM libraries per side for every candidate, ONNX, manifest
+    table = solve_table(route_costs(manifest))  the final table, over the candidates as built
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     from edgecut.explain import layer_rows
     from edgecut.frontend import trace
     from edgecut.passes.annotate_cost import annotate_cost
+    from edgecut.passes.candidates import candidates
     from edgecut.passes.plan_table import plan_table
 
     device_t, edge_t = _targets.get(target), _targets.get(edge)
@@ -81,8 +84,38 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
             "warnings": [str(w.message) for w in caught]}
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgecut-"))
     manifest = build_artifact(gm, table, device_t, edge_t, out, (example_input,), backend=backend,
-                              model_name=name or type(model).__name__, progress=progress, info=info)
+                              model_name=name or type(model).__name__, progress=progress, info=info,
+                              candidates=candidates(gm, keep=table.plans))
+    manifest = _plan_as_built(gm, manifest, dev_prof, edge_prof, rtt, overhead, objective, margin, bool(caught))
+    manifest.write(out)
     return Artifact(out, manifest, gm)
+
+
+def _plan_as_built(gm, manifest, dev_prof, edge_prof, rtt, overhead, objective, margin, warned):
+    """The manifest with every candidate's predicted seconds as built (the nodes' seconds plus one
+    segment call per library call on each side), the plan table and fallback chosen among them."""
+    from dataclasses import replace
+
+    from edgecut.codegen.artifact import fallback_plan
+    from edgecut.errors import DeadlineWarning
+    from edgecut.passes.candidates import predict_routes
+    from edgecut.planning import route_costs, solve_table
+
+    deadline = manifest.table.deadline
+    manifest = replace(manifest, candidates=predict_routes(gm, manifest, dev_prof, edge_prof))
+    table = solve_table(route_costs(manifest), deadline, rtt=rtt, overhead=overhead, objective=objective,
+                        margin=margin)
+    every = PlanTable(tuple(float(i) for i in range(len(manifest.candidates))), manifest.candidates, deadline)
+    fallback = fallback_plan(gm, every, manifest.exits)
+    short = [p for p in table.plans if not p.feasible]
+    if short and not warned:
+        fastest = min(short, key=lambda p: p.latency_s)
+        msg = (f"no plan as built meets the deadline {format_time(deadline)} at some bandwidths: the fastest there, "
+               f"{fastest.id}, takes {format_time(fastest.latency_s)} with its segment calls; relax the deadline, "
+               "add an earlier exit, or use a faster device or edge target")
+        warnings.warn(DeadlineWarning(msg), stacklevel=3)
+        manifest.info.setdefault("warnings", []).append(msg)
+    return replace(manifest, table=table, fallback=fallback)
 
 
 def _trained(model) -> bool:

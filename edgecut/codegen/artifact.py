@@ -2,8 +2,10 @@
 
 ```
 OUT/manifest.msgpack, manifest.json   the Manifest (edgecut/codegen/manifest.py)
-OUT/device/<segment>.so, .params      TVM libraries for the device target, and their weights
-OUT/edge/<segment>.so, .params        the same for the edge target
+OUT/device/<segment>.so, .params      TVM libraries for the device target, and their weights (as
+                                      references into weights.msgpack)
+OUT/device/weights.msgpack            every distinct weight array of the side's libraries, once
+OUT/edge/...                          the same for the edge target
 OUT/onnx/<segment>.onnx               portable copies (backend="onnxruntime")
 OUT/reference.msgpack                 a reference input and what each side must answer (`edgecut check`)
 ```
@@ -19,6 +21,7 @@ import platform
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
@@ -26,14 +29,15 @@ from tqdm.auto import tqdm
 from edgecut import targets as _targets
 from edgecut.codegen.build import build
 from edgecut.codegen.importer import import_segment
-from edgecut.codegen.manifest import (FORMAT_VERSION, REFERENCE, Library, Manifest, TensorSpec, max_error,
-                                      save_arrays, sha256)
+from edgecut.codegen.manifest import (FORMAT_VERSION, REFERENCE, Library, Manifest, TensorSpec, array_key,
+                                      max_error, save_arrays, sha256)
 from edgecut.codegen.segment import _ancestors, exit_specs, segment_module, split
 from edgecut.errors import CodegenError
 from edgecut.frontend import meta
 from edgecut.types import Cut, Plan, PlanTable
 
 BACKENDS = ("tvm", "onnxruntime")
+WEIGHTS = "weights.msgpack"     # per side: every library's weights, each distinct array once
 
 
 def _values(gm: fx.GraphModule, example_inputs) -> dict:
@@ -85,21 +89,38 @@ def _export(built, path: Path, target) -> None:
         built.executable.export_library(str(path))
 
 
-def _run_library(lib: Path, params: Path, kind: str, inputs) -> list:
+def _run_library(lib: Path, params: Path, kind: str, inputs, weights: dict) -> list:
     from edgecut.codegen.load import _TvmSegment
 
-    return _TvmSegment(lib, params, kind).run(inputs)
+    class Store:            # the side's weights before its store is written
+        def tensor(self, key, dev):
+            import tvm
+
+            return tvm.runtime.tensor(weights[key], dev)
+    return _TvmSegment(lib, params, kind, Store()).run(inputs)
+
+
+def _save_refs(path: Path, params, store: dict) -> None:
+    """Write a library's weights as references into its side's `store` (key -> array)."""
+    refs = []
+    for p in params:
+        key = array_key(p)
+        store.setdefault(key, np.ascontiguousarray(p))
+        refs.append({"ref": key})
+    save_arrays(path, refs)
 
 
 def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", edge_target="local",
                    out_dir="build/model", example_inputs=(), *, backend: str = "tvm", onnx: bool = True,
                    model_name: str | None = None, tolerance: float = 1e-4, progress: bool = True,
-                   info: dict | None = None) -> Manifest:
+                   info: dict | None = None, candidates=()) -> Manifest:
     """Split `gm` at the cuts of `table`, compile each segment for its side(s), export ONNX copies,
     check them, and write the artifact directory `out_dir` (replaced if it exists).
 
     backend="tvm" compiles TVM libraries (device and edge); "onnxruntime" writes only the ONNX
-    copies (for models with ops TVM cannot import). `info` (msgpack-able) is stored as `manifest.info`. Raises CodegenError when a segment cannot be
+    copies (for models with ops TVM cannot import). `info` (msgpack-able) is stored as `manifest.info`.
+    `candidates`: more plans to build routes for (`passes.candidates`); `manifest.candidates`
+    lists every plan built (the table's, the fallback, these). Raises CodegenError when a segment cannot be
     compiled or disagrees with PyTorch by more than `tolerance` x the output's scale."""
     if backend not in BACKENDS:
         raise CodegenError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -118,7 +139,7 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
     # 1. exits, fallback, segments and routes
     exits = exit_specs(gm, table.plans)
     fallback = fallback_plan(gm, table, exits)
-    plans = table.plans + (() if any(p.id == fallback.id for p in table.plans) else (fallback,))
+    plans = tuple({p.id: p for p in (*table.plans, fallback, *candidates)}.values())
     segments, routes, exits = split(gm, plans, exits)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     values = _values(gm, example_inputs)
@@ -138,6 +159,7 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
 
     # 2. compile, export and check every segment
     libraries, onnx_files, checks, files = [], {}, {}, []
+    stores = {side: {} for side in sides}         # side -> weight key -> array (each stored once)
     work = [(s, side) for s in segments for side in sides if s.name in uses[side]]
     bar = tqdm(total=len(work) + (len(segments) if onnx else 0), desc="codegen", unit="seg",
                disable=not progress, leave=False)
@@ -157,7 +179,7 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
                 lib, par = f"{side}/{s.name}.so", f"{side}/{s.name}.params"
                 if target.name in built_for:          # same target on both sides: compile once
                     shutil.copyfile(out / built_for[target.name][0], out / lib)
-                    shutil.copyfile(out / built_for[target.name][1], out / par)
+                    _save_refs(out / par, built_for[target.name][1], stores[side])
                 else:
                     try:
                         built = build(mod, params, target, num_inputs=len(ins))
@@ -166,13 +188,13 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
                         raise CodegenError(f"compiling segment {s.name} ({', '.join(s.nodes[:3])}...) for "
                                            f"target {target.name} failed: {type(e).__name__}: "
                                            f"{(str(e).strip().splitlines() or [''])[-1][:300]}") from e
-                    save_arrays(out / par, built.params)
-                    built_for[target.name] = (lib, par)
+                    _save_refs(out / par, built.params, stores[side])
+                    built_for[target.name] = (lib, built.params)
                 libraries.append(Library(side, s.name, "tvm", lib, par, target.name,
-                                         str(target.tvm_target()), target.arch))
+                                         str(target.tvm_target()), target.arch, f"{side}/{WEIGHTS}"))
                 files += [lib, par]
                 if target.runs_here and tvm_out is None:
-                    tvm_out = _run_library(out / lib, out / par, target.tvm.get("kind", "llvm"), ins)
+                    tvm_out = _run_library(out / lib, out / par, target.tvm.get("kind", "llvm"), ins, stores[side])
                     err = max(max_error(g, w) for g, w in zip(tvm_out, want))
                     check["tvm_vs_torch"] = err
                     if err > tolerance:
@@ -196,6 +218,10 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
             files.append(path)
             bar.update(1)
     bar.close()
+    for side, store in stores.items():
+        if store:
+            save_arrays(out / side / WEIGHTS, store)
+            files.append(f"{side}/{WEIGHTS}")
 
     # 3. the reference for `edgecut check`: model inputs, each exit's logits, the tensors an edge gets
     edge_plans = [p for p in plans if routes[p.id].edge]
@@ -215,7 +241,7 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
                         routes, tuple(exits), tuple(libraries), onnx_files,
                         {f: sha256(out / f) for f in sorted(set(files))},
                         {side: t.to_dict() for side, t in sides.items()}, versions, checks, REFERENCE,
-                        FORMAT_VERSION, dict(info or {}))
+                        FORMAT_VERSION, dict(info or {}), plans)
     manifest.write(out)
     return manifest
 
