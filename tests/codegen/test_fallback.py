@@ -78,6 +78,10 @@ def test_test_hook_forces_the_fallback_for_one_segment(tmp_path, monkeypatch):
         m = build_artifact(gm, table, "local", "local", tmp_path, (x,), progress=False)
     assert {lib.backend for lib in m.libraries if lib.segment == "seg1"} == {"onnxruntime"}
     assert {lib.backend for lib in m.libraries if lib.segment != "seg1"} == {"tvm"}
+    from edgecut.api import Artifact
+
+    report = Artifact(tmp_path, m, gm).report()
+    assert f"segment seg1 runs on ONNX Runtime (device, edge): " in report and FAIL_IMPORT_ENV in report
     want = model(x).detach().numpy()
     for plan in table.plans:
         assert max_error(chain(tmp_path, plan.id, x.numpy()).outputs["logits"], want) <= 1e-4
