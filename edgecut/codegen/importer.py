@@ -223,7 +223,7 @@ def import_segment(gm: fx.GraphModule, input_specs, *, name: str = "", example_i
                            "test hook", name)
     if example_inputs is None:
         example_inputs = [np.zeros(tuple(s), dtype=str(d)) for s, d in input_specs]
-    args = [torch.as_tensor(np.ascontiguousarray(x)) for x in example_inputs]
+    args = [torch.tensor(np.asarray(x)) for x in example_inputs]   # copies: nothing may touch the caller's
     errors, first = [], None
     has_lrn = any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.LocalResponseNorm)
                   for n in gm.graph.nodes)

@@ -140,6 +140,19 @@ class ShapeBranch(nn.Module):
         return self.fc(F.gelu(y))
 
 
+class InplaceFirst(nn.Module):
+    """conv -> bn | SiLU(inplace=True) -> conv: with the boundary after bn, the second segment's
+    first op rewrites its input (the ONNX export once rewrote the build's reference array)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.act, self.out = nn.SiLU(inplace=True), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.act(self.bn(self.conv(x))))
+
+
 # name -> (module, input shape, the node after which the middle boundary goes)
 CASES = {
     "residual_inplace": (Residual, (1, 8, 10, 10), "add"),
@@ -149,5 +162,6 @@ CASES = {
     "hardswish": (HardSwish, (1, 8, 12, 12), "act"),
     "channel_shuffle": (Shuffle, (1, 16, 8, 8), "cat"),
     "pools": (Pools, (1, 4, 23, 23), "p1"),
+    "inplace_first": (InplaceFirst, (1, 4, 9, 9), "bn"),
     "aten_graph": (ShapeBranch, (1, 3, 10, 10), "max_pool2d"),
 }
