@@ -100,3 +100,12 @@ def test_onnxruntime_backend_never_builds_with_tvm(det, tmp_path):
         for plan in table.plans:
             got = chain(tmp_path, plan.id, x.numpy(), backend).outputs["logits"]
             assert max_error(got, want) <= 1e-4
+
+
+def test_a_library_entry_without_note_still_reads():
+    from edgecut.codegen.manifest import Library
+
+    old = {"side": "device", "segment": "seg0", "backend": "tvm", "file": "device/seg0.so",
+           "params": "device/seg0.params", "target": "local", "tvm_target": "llvm", "arch": "x86_64"}
+    lib = Library.from_dict(old)
+    assert lib.note == "" and Library.from_dict(lib.to_dict()) == lib
