@@ -6,6 +6,9 @@ outputs, so the runtime feeds and reads them exactly as it does the TVM librarie
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -36,7 +39,7 @@ def export_segment(gm, example_inputs, path: str | Path, input_names, output_nam
                     kwargs.update(external_data=False, verbose=False)
                 else:
                     kwargs.update(opset_version=OPSET, do_constant_folding=True)
-                with torch.no_grad():
+                with torch.no_grad(), (contextlib.nullcontext() if dynamo else _quiet_stdout()):
                     torch.onnx.export(gm, args, str(path), **kwargs)
             _check_names(path, input_names, output_names)
             return
@@ -45,6 +48,26 @@ def export_segment(gm, example_inputs, path: str | Path, input_names, output_nam
                           f"{(str(e).strip().splitlines() or [''])[0][:300]}")
     raise CodegenError(f"ONNX export of {path.stem} failed ({'; '.join(errors)}); "
                        "build with onnx=False to skip the ONNX copies")
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """File descriptor 1 to /dev/null: the TorchScript exporter prints its whole graph there when
+    an op has no ONNX symbolic (nn.MultiheadAttention), before the dynamo exporter takes over."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _check_names(path: Path, input_names, output_names) -> None:
