@@ -208,6 +208,32 @@ def _import_fx(gm, input_specs):
     return _importer().from_fx(gm, info, True, False, False)
 
 
+def _positive_squeeze_axes(mod):
+    """squeeze with negative axes (from_exported_program writes them for nn.MultiheadAttention)
+    -> the same axes counted from the front: ConvertLayout's layout inference for squeeze raises
+    std::bad_alloc on a negative axis in TVM 0.27."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    squeeze = tvm.ir.Op.get("relax.squeeze")
+
+    @mutator
+    class Positive(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(squeeze)) or call.attrs.axis is None:
+                return call
+            axes = [int(a) for a in call.attrs.axis]
+            if all(a >= 0 for a in axes):
+                return call
+            ndim = len(call.args[0].ty.shape)
+            return relax.op.squeeze(call.args[0], [a + ndim if a < 0 else a for a in axes])
+
+    mod["main"] = Positive(mod).visit_expr(mod["main"])
+    return mod
+
+
 def import_segment(gm: fx.GraphModule, input_specs, *, name: str = "", example_inputs=None
                    ) -> tuple[object, list]:
     """Relax IRModule and weights (numpy arrays, in `main`'s order after the inputs) of `gm`.
@@ -242,5 +268,5 @@ def import_segment(gm: fx.GraphModule, input_specs, *, name: str = "", example_i
     else:
         op, node = (first.op, first.node) if first is not None else ("", "")
         raise ImportFailed(f"TVM could not import{where or ' the graph'} ({'; '.join(errors)})", op, node)
-    mod, params = detach_params(mod)
+    mod, params = detach_params(_positive_squeeze_axes(mod))
     return mod, [p.numpy() for p in params.get("main", [])]

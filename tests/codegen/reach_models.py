@@ -41,6 +41,21 @@ class Attention(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class PatchAttention(nn.Module):
+    """ViT stem + block: a 4x4 stride-4 patch convolution, tokens, the Attention block (a conv and
+    nn.MultiheadAttention in one segment: ConvertLayout must take both)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 4, 4)
+        self.block = Attention(d)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.block(t).mean(1))
+
+
 class PermuteNorm(nn.Module):
     """ConvNeXt block: depthwise 7x7, permute to NHWC, LayerNorm, MLP, permute back, residual."""
 
@@ -157,6 +172,7 @@ class InplaceFirst(nn.Module):
 CASES = {
     "residual_inplace": (Residual, (1, 8, 10, 10), "add"),
     "attention": (Attention, (1, 10, 32), "add"),
+    "patch_attention": (PatchAttention, (1, 3, 16, 16), "add"),
     "permute_layernorm": (PermuteNorm, (1, 16, 9, 9), "permute"),
     "silu_se": (SqueezeExcite, (1, 8, 12, 12), "silu_1"),
     "hardswish": (HardSwish, (1, 8, 12, 12), "act"),
