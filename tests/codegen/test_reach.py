@@ -75,3 +75,33 @@ def test_check_cuts_refuses_what_it_cannot_run():
         check_cuts(gm, x, ["nope"])
     with pytest.raises(UsageError, match="does not run here"):
         check_cuts(gm, x, ["p1"], device_target="pi4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "vit_b_16", "swin_t",
+                                  "resnet18", "squeezenet1_0", "regnet_x_400mf", "shufflenet_v2_x1_0"])
+def test_torchvision_model_split_in_the_middle(name):
+    """Issue 16's models (random init, BN settled, 224x224): TVM builds every segment and a
+    single-tensor cut in the middle equals eager. Minutes each."""
+    import sys
+    import types
+
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    import torchvision.models as tv
+
+    from edgecut import costmodel, zoo
+    from edgecut.passes.annotate_cost import annotate_cost
+
+    torch.manual_seed(0)
+    model = getattr(tv, name)().eval()
+    for m in model.modules():            # ViT's zero-initialised head would make the logits all 0
+        if isinstance(m, nn.Linear) and not m.weight.detach().abs().sum():
+            nn.init.normal_(m.weight, std=0.02)
+    x = torch.randn(1, 3, 224, 224)
+    zoo.settle_batchnorm(model, x.shape)
+    gm = edgecut.trace(model.eval(), x)
+    prof = costmodel.load_profile("local")
+    annotate_cost(gm, prof, prof)
+    cuts = find_cuts(gm)
+    res = check_cuts(gm, x, [cuts[len(cuts) // 2]])
+    assert not res.fallbacks and res.ok, (res.errors, res.fallbacks, res.failures)
