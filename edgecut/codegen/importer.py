@@ -195,8 +195,10 @@ def _import_exported(gm, example_args):
         op, node = missing[0]
         raise ImportFailed(f"TVM's exported-program importer does not support {op} at node {node!r}",
                            op, node)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     return from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
-                                 custom_convert_map=_EXPORT_CONVERTERS)
+                                 unwrap_unit_return_tuple=not isinstance(out, (tuple, list)),
+                                 custom_convert_map=_EXPORT_CONVERTERS)   # a tensor stays a tensor, as from_fx
 
 
 def _import_fx(gm, input_specs):
