@@ -250,9 +250,25 @@ def find_cuts(gm: fx.GraphModule, exit_id: int | None = None) -> list[Cut]:
     return [p.to_cut(c) for c in p.chain_cuts()]
 
 
+# Costs within this relative distance are a tie: sums of the same per-node seconds in another
+# order differ in the last bits, and letting that noise decide made plan tables flap.
+TIE = 1e-9
+
+
+def prefer(cuts, value):
+    """The cut of least `value(cut)`; among those within `TIE` of it, the one with the most
+    nodes on the device, then the latest ones. A tie then never cuts between a layer and the
+    activation fused into it (conv | relu: the relu's fused epilogue costs the same on both
+    sides), and the same problem always gives the same cut."""
+    scored = [(value(c), c) for c in cuts]
+    best = min(v for v, _ in scored)
+    near = best + TIE * abs(best)
+    return max((c for v, c in scored if v <= near), key=lambda c: (len(c.device), sorted(c.device, reverse=True)))
+
+
 def best_of(cuts, link: Link) -> CutCost:
-    """The lowest-latency cut among `cuts` (the first on ties)."""
-    return min(cuts, key=lambda c: c.latency(link))
+    """The lowest-latency cut among `cuts` (on ties, see `prefer`)."""
+    return prefer(cuts, lambda c: c.latency(link))
 
 
 def brute_force_cut(gm: fx.GraphModule, link: Link, exit_id: int | None = None, max_nodes: int = 20) -> Cut:

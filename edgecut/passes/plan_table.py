@@ -1,8 +1,8 @@
 """The plan per bandwidth range: what the device switches between online as bandwidth moves.
 
 `plan_table(gm, deadline)` solves on a log grid of bandwidths (50 kbit/s .. 1 Gbit/s, 64 points
-by default) and merges adjacent grid points with the same plan (same exit, same cut, same
-feasibility) into one range; `PlanTable.bounds[i]` is the lowest bandwidth of range i and its
+by default) and merges adjacent grid points whose plans differ in neither exit, crossing bytes
+nor feasibility (`range_key`) into one range; `PlanTable.bounds[i]` is the lowest bandwidth of range i and its
 plan is the one predicted at that bandwidth (the slowest link of the range).
 
 Work is shared across bandwidths. Only the transfer capacities depend on the bandwidth: a cut
@@ -25,7 +25,7 @@ from edgecut.errors import UsageError
 from edgecut.passes.find_cuts import CutCost, CutProblem, exit_specs
 from edgecut.passes.mincut import MinCut, local_or
 from edgecut.passes.solve import check_args, exit_order, infeasible, make_plan
-from edgecut.types import Link, PlanTable
+from edgecut.types import Link, Plan, PlanTable
 from edgecut.units import format_bandwidth
 
 LOW_BANDWIDTH, HIGH_BANDWIDTH, GRID_POINTS = 50e3, 1e9, 64
@@ -36,6 +36,14 @@ def bandwidth_grid(low: float = LOW_BANDWIDTH, high: float = HIGH_BANDWIDTH, poi
     if not (0 < low < high) or points < 2:
         raise UsageError(f"bandwidth grid needs 0 < low < high and >= 2 points, got {low}, {high}, {points}")
     return tuple(float(b) for b in np.geomspace(low, high, int(points)))
+
+
+def range_key(plan: Plan) -> tuple:
+    """What makes two adjacent ranges different plans: the exit, the bytes that cross (none for
+    device-only) and feasibility. Two cuts that send the same bytes are the same plan to the
+    device (their predicted times differ only by what `find_cuts.TIE` calls a tie), so a range
+    keeps its first cut rather than flapping between them."""
+    return plan.exit, plan.cut.device_only, plan.cut.crossing_bytes, plan.feasible
 
 
 def plan_table(gm: fx.GraphModule, deadline: float = math.inf, rtt: float = 0.0, overhead: float = 0.0,
@@ -77,7 +85,7 @@ def plan_table(gm: fx.GraphModule, deadline: float = math.inf, rtt: float = 0.0,
                    f"at {len(short)} of {len(bws)} bandwidths (up to {format_bandwidth(max(short))})")
     bounds, merged = [], []
     for bw, plan in zip(bws, plans):
-        if merged and merged[-1].same_choice(plan) and merged[-1].feasible == plan.feasible:
+        if merged and range_key(merged[-1]) == range_key(plan):
             continue
         bounds.append(bw)
         merged.append(plan)
