@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 import platform
 import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,11 +27,11 @@ from tqdm.auto import tqdm
 
 from edgecut import targets as _targets
 from edgecut.codegen.build import build
-from edgecut.codegen.importer import import_segment
+from edgecut.codegen.importer import ImportFailed, import_segment
 from edgecut.codegen.manifest import (FORMAT_VERSION, REFERENCE, Library, Manifest, TensorSpec, max_error,
                                       save_arrays, sha256)
 from edgecut.codegen.segment import _ancestors, exit_specs, segment_module, split
-from edgecut.errors import CodegenError
+from edgecut.errors import CodegenError, CodegenWarning
 from edgecut.frontend import meta
 from edgecut.types import Cut, Plan, PlanTable
 
@@ -91,6 +93,53 @@ def _run_library(lib: Path, params: Path, kind: str, inputs) -> list:
     return _TvmSegment(lib, params, kind).run(inputs)
 
 
+class _Fallback(Exception):
+    """TVM could not import, build or match PyTorch on a segment: it runs on ONNX Runtime."""
+
+    def __init__(self, op: str, node: str, reason: str, done: int = 0):
+        super().__init__(reason)
+        self.op, self.node, self.reason, self.done = op, node, reason, done
+
+
+def _tvm_segment(s, seg_gm, ins, want, mine, sides, out, libs, check, bar, tolerance):
+    """Import `s` once, compile it for each side in `mine` (once per distinct target), export the
+    libraries (appended to `libs`), and check the first one that runs here against PyTorch.
+    Returns its outputs (None when no library runs here); raises _Fallback."""
+    try:
+        mod, params = import_segment(seg_gm, [(x.shape, x.dtype) for x in ins], name=s.name, example_inputs=ins)
+    except ImportFailed as e:
+        raise _Fallback(e.op or "import", e.node or s.nodes[0], str(e)) from e
+    built_for, tvm_out = {}, None
+    for k, side in enumerate(mine):
+        target = sides[side]
+        bar.set_postfix_str(f"{s.name} for {target.name}")
+        lib, par = f"{side}/{s.name}.so", f"{side}/{s.name}.params"
+        if target.name in built_for:          # same target on both sides: compile once
+            shutil.copyfile(out / built_for[target.name][0], out / lib)
+            shutil.copyfile(out / built_for[target.name][1], out / par)
+        else:
+            try:
+                built = build(mod, params, target, num_inputs=len(ins))
+                _export(built, out / lib, target)
+            except Exception as e:  # noqa: BLE001 - the segment falls back (or the build stops)
+                raise _Fallback("build", s.nodes[0], f"compiling segment {s.name} ({', '.join(s.nodes[:3])}...) "
+                                f"for target {target.name} failed: {type(e).__name__}: "
+                                f"{(str(e).strip().splitlines() or [''])[-1][:300]}", k) from e
+            save_arrays(out / par, built.params)
+            built_for[target.name] = (lib, par)
+        libs.append(Library(side, s.name, "tvm", lib, par, target.name, str(target.tvm_target()), target.arch))
+        if target.runs_here and tvm_out is None:
+            tvm_out = _run_library(out / lib, out / par, target.tvm.get("kind", "llvm"), ins)
+            err = max(max_error(g, w) for g, w in zip(tvm_out, want))
+            check["tvm_vs_torch"] = err
+            if err > tolerance:
+                raise _Fallback("numeric check", s.nodes[0], f"segment {s.name} compiled for {target.name} "
+                                f"differs from PyTorch by {err:.2e} x the output's scale (tolerance {tolerance:g})",
+                                k + 1)
+        bar.update(1)
+    return tvm_out
+
+
 def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", edge_target="local",
                    out_dir="build/model", example_inputs=(), *, backend: str = "tvm", onnx: bool = True,
                    model_name: str | None = None, tolerance: float = 1e-4, progress: bool = True,
@@ -141,44 +190,29 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
     work = [(s, side) for s in segments for side in sides if s.name in uses[side]]
     bar = tqdm(total=len(work) + (len(segments) if onnx else 0), desc="codegen", unit="seg",
                disable=not progress, leave=False)
+    fallbacks = {}
     for s in segments:
         seg_gm = segment_module(gm, s)
         ins = [values[i] for i in s.inputs]
         want = [values[o] for o in s.outputs]
         check = checks.setdefault(s.name, {})
-        tvm_out = None
-        if backend == "tvm" and any(s.name in uses[side] for side in sides):
-            mod, params = import_segment(seg_gm, [(x.shape, x.dtype) for x in ins], name=s.name)
-            built_for = {}
-            for side, target in sides.items():
-                if s.name not in uses[side]:
-                    continue
-                bar.set_postfix_str(f"{s.name} for {target.name}")
-                lib, par = f"{side}/{s.name}.so", f"{side}/{s.name}.params"
-                if target.name in built_for:          # same target on both sides: compile once
-                    shutil.copyfile(out / built_for[target.name][0], out / lib)
-                    shutil.copyfile(out / built_for[target.name][1], out / par)
-                else:
-                    try:
-                        built = build(mod, params, target, num_inputs=len(ins))
-                        _export(built, out / lib, target)
-                    except Exception as e:
-                        raise CodegenError(f"compiling segment {s.name} ({', '.join(s.nodes[:3])}...) for "
-                                           f"target {target.name} failed: {type(e).__name__}: "
-                                           f"{(str(e).strip().splitlines() or [''])[-1][:300]}") from e
-                    save_arrays(out / par, built.params)
-                    built_for[target.name] = (lib, par)
-                libraries.append(Library(side, s.name, "tvm", lib, par, target.name,
-                                         str(target.tvm_target()), target.arch))
-                files += [lib, par]
-                if target.runs_here and tvm_out is None:
-                    tvm_out = _run_library(out / lib, out / par, target.tvm.get("kind", "llvm"), ins)
-                    err = max(max_error(g, w) for g, w in zip(tvm_out, want))
-                    check["tvm_vs_torch"] = err
-                    if err > tolerance:
-                        raise CodegenError(f"segment {s.name} compiled for {target.name} differs from PyTorch by "
-                                           f"{err:.2e} x the output's scale (tolerance {tolerance:g})")
-                bar.update(1)
+        mine = [side for side in sides if s.name in uses[side]]
+        tvm_out, tvm_libs = None, []
+        if backend == "tvm" and mine:
+            try:
+                tvm_out = _tvm_segment(s, seg_gm, ins, want, mine, sides, out, tvm_libs, check, bar, tolerance)
+            except _Fallback as e:
+                if not onnx:
+                    raise CodegenError(f"{e.reason}; build with onnx=True to run this segment on ONNX Runtime, "
+                                       "or backend=\"onnxruntime\"") from e.__cause__
+                fallbacks[s.name] = e
+                for lib in tvm_libs:
+                    (out / lib.file).unlink(missing_ok=True)
+                    (out / lib.params).unlink(missing_ok=True)
+                tvm_libs, tvm_out = [], None
+                bar.update(len(mine) - e.done)
+        libraries += tvm_libs
+        files += [f for lib in tvm_libs for f in (lib.file, lib.params)]
         if onnx:
             bar.set_postfix_str(f"{s.name} to ONNX")
             from edgecut.codegen.onnx_export import OnnxSegment, export_segment
@@ -194,8 +228,16 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
                                    f"{'TVM' if tvm_out is not None else 'PyTorch'} by {err:.2e} x the output's scale")
             onnx_files[s.name] = path
             files.append(path)
+            if backend == "onnxruntime" or s.name in fallbacks:
+                note = fallbacks[s.name].reason if s.name in fallbacks else "backend='onnxruntime'"
+                libraries += [Library(side, s.name, "onnxruntime", path, "", sides[side].name, "",
+                                      sides[side].arch, note) for side in mine]
             bar.update(1)
     bar.close()
+    if fallbacks:
+        warnings.warn("TVM could not build " + "; ".join(
+            f"segment {name} ({e.op} at node {e.node!r}: {e.reason})" for name, e in fallbacks.items())
+            + ": those segments run on ONNX Runtime (see the artifact's report())", CodegenWarning, stacklevel=2)
 
     # 3. the reference for `edgecut check`: model inputs, each exit's logits, the tensors an edge gets
     edge_plans = [p for p in plans if routes[p.id].edge]
@@ -207,9 +249,7 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
     save_arrays(out / REFERENCE, ref)
     files.append(REFERENCE)
 
-    import tvm
-
-    versions = {"edgecut": _edgecut_version(), "tvm": tvm.__version__, "torch": torch.__version__,
+    versions = {"edgecut": _edgecut_version(), "tvm": _tvm_version(), "torch": torch.__version__,
                 "python": platform.python_version()}
     manifest = Manifest(model_name or type(gm).__name__, inputs, tuple(segments), tensors, table, fallback,
                         routes, tuple(exits), tuple(libraries), onnx_files,
@@ -218,6 +258,18 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
                         FORMAT_VERSION, dict(info or {}))
     manifest.write(out)
     return manifest
+
+
+def _tvm_version() -> str:
+    """TVM's version, without importing TVM when nothing did (backend="onnxruntime")."""
+    if "tvm" in sys.modules:
+        return sys.modules["tvm"].__version__
+    from importlib import metadata
+
+    try:
+        return metadata.version("apache-tvm")
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 def _edgecut_version() -> str:

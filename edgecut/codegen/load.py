@@ -2,7 +2,9 @@
 
 Needs only numpy, msgpack and the TVM *runtime* (`tvm.runtime.load_module`,
 `tvm.runtime.vm.VirtualMachine`: a Pi's runtime-only TVM has no `tvm.relax`), or onnxruntime
-with `backend="onnxruntime"`. Every file the side uses is checked against the manifest's sha256
+with `backend="onnxruntime"`. Under backend="tvm" a segment whose Library says "onnxruntime"
+(TVM could not build it, or the artifact was built with backend="onnxruntime") runs on
+onnxruntime, the rest on TVM. Every file the side uses is checked against the manifest's sha256
 before anything is loaded.
 """
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Part:
         if backend not in BACKENDS:
             raise ArtifactError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.path, self.side, self.backend = Path(path), side, backend
+        self._onnx_segments: set = set()      # segments that run on ONNX Runtime under backend="tvm"
         self.manifest = m = Manifest.read(self.path)
         self.table = m.table
         self.fallback_plan_id = m.fallback.id
@@ -89,7 +92,7 @@ class Part:
             if missing:
                 raise ArtifactError(f"{self.path}: no ONNX copy of segments {missing}; rebuild with onnx=True")
             return {s: (self.manifest.onnx[s], "") for s in needed}
-        libs = self.manifest.libraries_of(self.side, "tvm")
+        libs = self.manifest.libraries_of(self.side, None)  # TVM, or ONNX Runtime where TVM could not build
         missing = [s for s in needed if s not in libs]
         if missing:
             raise ArtifactError(f"{self.path}: no TVM library of segments {missing} for the {self.side}; "
@@ -97,15 +100,18 @@ class Part:
         arch = platform.machine()
         for s in needed:
             lib = libs[s]
+            if lib.backend != "tvm":
+                continue
             if lib.arch != arch and not (lib.arch in ("aarch64", "arm64") and arch in ("aarch64", "arm64")):
                 raise ArtifactError(f"{self.path}: the {self.side} libraries were built for {lib.arch} "
                                     f"(target {lib.target}), this machine is {arch}; run them there, or "
                                     "use backend='onnxruntime' here")
+        self._onnx_segments = {s for s in needed if libs[s].backend == "onnxruntime"}
         return {s: (libs[s].file, libs[s].params) for s in needed}
 
     def _open(self, name: str, file: str, params: str):
         seg = self._segments[name]
-        if self.backend == "onnxruntime":
+        if self.backend == "onnxruntime" or name in self._onnx_segments:
             from edgecut.codegen.onnx_export import OnnxSegment
 
             return OnnxSegment(self.path / file, seg.inputs).run

@@ -118,7 +118,8 @@ class TensorSpec:
 @dataclass(frozen=True)
 class Library:
     """One compiled segment for one side: `file` (a TVM library, or an .onnx file for the
-    onnxruntime backend), `params` (weights file, "" for ONNX), the TVM target it was built for."""
+    onnxruntime backend), `params` (weights file, "" for ONNX), the TVM target it was built for.
+    `note`: why a segment runs on ONNX Runtime (backend requested, or what TVM could not do)."""
 
     side: str
     segment: str
@@ -128,6 +129,7 @@ class Library:
     target: str
     tvm_target: str
     arch: str
+    note: str = ""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -166,8 +168,11 @@ class Manifest:
             raise ArtifactError(f"unknown plan id {plan_id!r}; this artifact has "
                                 f"{', '.join(sorted(self.routes))}") from None
 
-    def libraries_of(self, side: str, backend: str = "tvm") -> dict:
-        return {lib.segment: lib for lib in self.libraries if lib.side == side and lib.backend == backend}
+    def libraries_of(self, side: str, backend: str | None = "tvm") -> dict:
+        """segment -> Library of `side` with `backend`; backend=None: each segment's library as
+        built (TVM, or ONNX Runtime where TVM could not build it)."""
+        return {lib.segment: lib for lib in self.libraries
+                if lib.side == side and (backend is None or lib.backend == backend)}
 
     def exit(self, exit_id: int) -> ExitSpec:
         return next(e for e in self.exits if e.id == exit_id)

@@ -149,24 +149,6 @@ def test_early_exit_and_synthesized_fallback(tmp_path):
         assert res.done and max_error(res.outputs["logits"], want[0]) <= 1e-4
 
 
-def test_onnxruntime_backend_for_an_op_tvm_lacks(tmp_path):
-    import edgecut
-    from torch import nn
-
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardshrink(0.1), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
-    x = torch.randn(1, 3, 8, 8)
-    gm = edgecut.trace(model, x)
-    table = make_table(gm, three_cuts(gm, ["_1"]) if "_1" in {n.name for n in gm.graph.nodes} else
-                       three_cuts(gm, [list(gm.graph.nodes)[2].name]))
-    with pytest.raises(CodegenError, match="Hardshrink"):
-        build_artifact(gm, table, "local", "local", tmp_path / "tvm", (x,), progress=False)
-    build_artifact(gm, table, "local", "local", tmp_path / "ort", (x,), backend="onnxruntime", progress=False)
-    with pytest.raises(ArtifactError, match="onnxruntime"):
-        load(tmp_path / "ort", "device")
-    res = chain(tmp_path / "ort", table.plans[1].id, x.numpy(), backend="onnxruntime")
-    assert max_error(res.outputs["logits"], model(x).detach().numpy()) <= 1e-4
-
-
 def test_cuda_edge_compiles(tmp_path):
     import edgecut
 

@@ -127,22 +127,23 @@ def test_unknown_node_and_exit(tiny):
                                           Plan(3, make_cut(gm, [], "b"), 0, 0, 0))))
 
 
-def test_unsupported_op_names_op_node_and_onnxruntime():
+def test_unsupported_op_names_op_and_node():
+    from edgecut.codegen.importer import ImportFailed
+
     class M(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)
-            self.shrink = nn.Hardshrink()
 
         def forward(self, x):
-            return self.shrink(self.conv(x))
+            return torch.linalg.det(self.conv(x))
 
     x = torch.randn(1, 3, 8, 8)
     gm = edgecut.trace(M().eval(), x)
-    with pytest.raises(CodegenError) as e:
+    with pytest.raises(ImportFailed) as e:
         import_segment(gm, [(x.shape, "float32")], name="seg0")
-    msg = str(e.value)
-    assert "Hardshrink" in msg and "'shrink'" in msg and 'backend="onnxruntime"' in msg
+    assert e.value.op == "_linalg_det.default" and e.value.node == "linalg_det"
+    assert "segment seg0" in str(e.value) and "torch.export" in str(e.value) and "fx" in str(e.value)
 
 
 def test_lrn_imports_and_matches_torch():
