@@ -6,7 +6,8 @@ Python arithmetic, comparison or indexing on them are constants. torch.fx record
 reshape); left in, they would be values that are not tensors, which a cut cannot send and a
 compiled segment cannot take. This pass evaluates them on the example inputs, writes the
 constants into their users' arguments, and erases them and the assertions they fed (which held
-on the example input).
+on the example input). Inputs the example inputs leave out (`forward(x, attn_mask=None)`) take
+their default the same way.
 
 Reads and writes no metadata; run before `analyze` (`edgecut.trace` does, on torch.fx graphs).
 """
@@ -47,13 +48,33 @@ def _constant(v):
     return v
 
 
+def _substitute(gm: fx.GraphModule, values: dict) -> None:
+    for n in gm.graph.nodes:
+        if n not in values:
+            n.args = fx.node.map_arg(n.args, lambda a: values[a] if a in values else a)
+            n.kwargs = fx.node.map_arg(n.kwargs, lambda a: values[a] if a in values else a)
+
+
+def _fold_defaults(gm: fx.GraphModule, given: int) -> None:
+    """Inputs after the `given` example inputs take their default (timm's ViT has
+    `forward(x, attn_mask=None)`): the default goes into their users, the input goes away."""
+    extra = [n for n in gm.graph.nodes if n.op == "placeholder"][given:]
+    defaults = {n: n.args[0] for n in extra if n.args}
+    _substitute(gm, defaults)
+    for n in defaults:
+        gm.graph.erase_node(n)
+
+
 def fold_static(gm: fx.GraphModule, *example_inputs) -> fx.GraphModule:
-    """Fold shape-only values of `gm` into constants, for the shapes of `example_inputs`."""
+    """Fold shape-only values of `gm` into constants, for the shapes of `example_inputs`, and
+    inputs the example leaves out into their defaults."""
+    _fold_defaults(gm, len(example_inputs))
     static: set = set()
     for n in gm.graph.nodes:
         if _static(n, static):
             static.add(n)
     if not static:
+        gm.recompile()
         return gm
     values: dict = {}
 
@@ -66,11 +87,7 @@ def fold_static(gm: fx.GraphModule, *example_inputs) -> fx.GraphModule:
 
     with torch.no_grad():
         Record(gm).run(*[x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs])
-    for n in gm.graph.nodes:
-        if n in static:
-            continue
-        n.args = fx.node.map_arg(n.args, lambda a: values[a] if a in static else a)
-        n.kwargs = fx.node.map_arg(n.kwargs, lambda a: values[a] if a in static else a)
+    _substitute(gm, values)
     for n in reversed(list(gm.graph.nodes)):
         if n in static and not n.users:
             gm.graph.erase_node(n)

@@ -91,14 +91,3 @@ def plan_table(gm: fx.GraphModule, deadline: float = math.inf, rtt: float = 0.0,
         merged.append(plan)
     return PlanTable(tuple(bounds), tuple(merged), float(deadline))
 
-
-def candidate_table(gm: fx.GraphModule, exit_id: int | None = None) -> PlanTable:
-    """A table with one plan per cut candidate of exit `exit_id` (`find_cuts`: edge-only, every
-    single-tensor cut, device-only), at made-up bounds 1, 2, 3... bit/s: built into one artifact,
-    it puts a segment boundary at every candidate, so each route can be checked against the
-    whole model (bench/corpus.py). Latencies are those predicted at 1 Gbit/s without rtt."""
-    from edgecut.passes.find_cuts import cut_problem
-
-    problem = cut_problem(gm, exit_id)
-    plans = tuple(make_plan(problem, cc, Link(HIGH_BANDWIDTH), math.inf, 0.0) for cc in problem.chain_cuts())
-    return PlanTable(tuple(float(i + 1) for i in range(len(plans))), plans)

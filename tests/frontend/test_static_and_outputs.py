@@ -68,3 +68,23 @@ def test_several_outputs_one_line_error_or_the_chosen_one(as_dict, key, kind):
 def test_compile_refuses_a_dict_output_before_any_work():
     with pytest.raises(TraceError, match="returns a dict"):
         edgecut.compile(Heads(True).eval(), torch.randn(1, 3, 8, 8), target="local", exits=None)
+
+
+class OptionalMask(nn.Module):
+    """timm's ViT: forward(x, attn_mask=None); the example gives x only."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, attn_mask=None):
+        q = self.fc(x).unsqueeze(1)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=attn_mask).squeeze(1)
+
+
+def test_inputs_left_out_take_their_defaults():
+    m, x = OptionalMask().eval(), torch.randn(1, 4, 8)
+    gm = edgecut.trace(m, x)
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert torch.equal(gm(x), m(x))
+    assert next(n for n in gm.graph.nodes if n.meta[M.KIND] == M.ATTENTION).kwargs["attn_mask"] is None
