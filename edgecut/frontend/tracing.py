@@ -61,18 +61,6 @@ class _Tracer(fx.Tracer):
         return super().keys(obj)
 
 
-def _user_frame(exc: BaseException) -> str:
-    """'file.py:LINE: source' of the innermost frame that is neither torch's nor edgecut's."""
-    found = ""
-    for fs in traceback.extract_tb(exc.__traceback__):
-        f = os.path.abspath(fs.filename)
-        if f.startswith(_TORCH_DIR) or f.startswith(_EDGECUT_DIR) or fs.filename.startswith("<"):
-            continue
-        line = (fs.line or linecache.getline(fs.filename, fs.lineno)).strip()
-        found = f"{fs.filename}:{fs.lineno}: {line}"
-    return found
-
-
 def _describe_node(n: fx.Node) -> str:
     tgt = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
     return f"{n.op} {tgt!s} (node {n.name!r})"
@@ -162,21 +150,51 @@ def trace_graph(model: nn.Module, *example_inputs: torch.Tensor, leaf_modules: I
             raise _trace_error(model, fx_err, ex_err) from ex_err
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _located(model: nn.Module, exc: BaseException) -> tuple[str, str]:
+    """("module 'a.b' (Class)", "file.py:LINE: source") of the innermost frame of `exc` that is
+    neither torch's nor edgecut's; the module is the nearest such frame's `self` in `model`."""
+    names = {id(m): f"module {name or '<root>'!r} ({type(m).__name__})" for name, m in model.named_modules()}
+    user = []
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        f = os.path.abspath(frame.f_code.co_filename)
+        if not (f.startswith(_TORCH_DIR) or f.startswith(_EDGECUT_DIR) or frame.f_code.co_filename.startswith("<")):
+            user.append((frame, lineno))
+    if not user:
+        return "", ""
+    frame, lineno = user[-1]
+    src = f"{frame.f_code.co_filename}:{lineno}: {linecache.getline(frame.f_code.co_filename, lineno).strip()}"
+    module = next((names[id(fr.f_locals.get("self"))] for fr, _ in reversed(user)
+                   if id(fr.f_locals.get("self")) in names), "")
+    return module, src
+
+
 def _trace_error(model: nn.Module, fx_err: Exception, ex_err: Exception) -> TraceError:
+    """Where torch.export (the last resort) stopped: module, operation, source line; and where
+    torch.fx stopped before it, which may be elsewhere."""
     tracer: _Tracer | None = getattr(fx_err, "_edgecut_tracer", None)
+    root = f"module <root> ({type(model).__name__})"
+    fx_module, fx_src = _located(model, fx_err)
     stack = (tracer.culprit_stack or tracer.stack) if tracer else []
-    where = (f"module {stack[-1][0] or '<root>'!r} ({stack[-1][1]})" if stack
-             else f"module <root> ({type(model).__name__})")
-    op = ""
-    if tracer is not None and tracer.culprit is not None:
-        op = f"; operation: Python control flow on the value of {_describe_node(tracer.culprit)}"
-    line = _user_frame(fx_err) or _user_frame(ex_err)
-    src = f"; source: {line}" if line else ""
-    ex_first = str(ex_err).strip().splitlines()[0] if str(ex_err).strip() else type(ex_err).__name__
+    if stack:
+        fx_module = f"module {stack[-1][0] or '<root>'!r} ({stack[-1][1]})"
+    fx_op = (f"Python control flow on the value of {_describe_node(tracer.culprit)}"
+             if tracer is not None and tracer.culprit is not None else _first_line(fx_err))
+    ex_module, ex_src = _located(model, ex_err)
+    ex_op = _first_line(ex_err)
+    if ex_src == fx_src or not ex_src:   # both stopped at the same line
+        ex_module, ex_src = fx_module, fx_src
+        if tracer is not None and tracer.culprit is not None:
+            ex_op = fx_op                # the node whose value Python needed
     return TraceError(
-        f"cannot trace {type(model).__name__}: {where}{op}{src}\n"
-        f"  torch.fx: {type(fx_err).__name__}: {str(fx_err).strip().splitlines()[0] if str(fx_err).strip() else ''}\n"
-        f"  torch.export: {type(ex_err).__name__}: {ex_first}\n"
+        f"cannot trace {type(model).__name__}: {ex_module or root}; operation: {ex_op}"
+        + (f"; source: {ex_src}" if ex_src else "") + "\n"
+        f"  torch.fx stopped at {fx_module or root}; operation: {fx_op}" + (f"; source: {fx_src}" if fx_src else "")
+        + f"\n  torch.export: {_first_line(ex_err)}\n"
         "  what to do: make the branch static (depend on shapes or constructor arguments, not on tensor "
         "values), or mark the module as a leaf: edgecut.trace(model, x, leaf_modules=[ThatModule])")
 
