@@ -262,6 +262,12 @@ class Artifact:
             lines.append(f"  {role} profile: {p['name']} ({p['source']}, p95 error {p['error_p95']:.0%}){flag}")
         for e in self.manifest.exits:
             lines.append(f"  exit {e.id}: accuracy {e.accuracy:.3f}, entropy threshold {e.threshold:.3g}")
+        ort = {}
+        for lib in self.manifest.libraries:                  # segments TVM could not build (or backend)
+            if lib.backend == "onnxruntime":
+                ort.setdefault(lib.segment, (lib.note, []))[1].append(lib.side)
+        for seg, (note, sides) in ort.items():
+            lines.append(f"  segment {seg} runs on ONNX Runtime ({', '.join(sides)}): {note or 'no reason recorded'}")
         lines.append(f"  {'bandwidth from':>15}  {'exit':>4}  {'cut':<28} {'predicted':>10}  feasible")
         for lo, p in zip(self.table.bounds, self.table.plans):
             lines.append(f"  {format_bandwidth(lo):>15}  {p.exit:>4}  {p.cut.name[:28]:<28} "

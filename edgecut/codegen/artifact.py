@@ -50,7 +50,7 @@ def _values(gm: fx.GraphModule, example_inputs) -> dict:
             return out
 
     with torch.no_grad():
-        Record(gm).run(*[torch.as_tensor(x) for x in example_inputs])
+        Record(gm).run(*[torch.as_tensor(x).clone() for x in example_inputs])
     return values
 
 
@@ -218,7 +218,12 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
             from edgecut.codegen.onnx_export import OnnxSegment, export_segment
 
             path = f"onnx/{s.name}.onnx"
-            export_segment(seg_gm, ins, out / path, s.inputs, s.outputs)
+            try:
+                export_segment(seg_gm, ins, out / path, s.inputs, s.outputs)
+            except CodegenError as e:
+                if s.name not in fallbacks:
+                    raise
+                raise CodegenError(f"{fallbacks[s.name].reason}; the ONNX Runtime fallback failed too: {e}") from e
             got = OnnxSegment(out / path, s.inputs).run(ins)
             against = tvm_out if tvm_out is not None else want
             err = max(max_error(g, w) for g, w in zip(got, against))

@@ -119,9 +119,12 @@ def prepare(mod, num_inputs: int = 1):
 def _convert_layout(mod):
     """ConvertLayout to DESIRED_LAYOUTS where the module has a convolution; as it is when the pass
     fails (TVM 0.27 raises std::bad_alloc on nn.MultiheadAttention's imported graph), logged."""
+    import tvm
     from tvm import relax
 
-    if "relax.nn.conv2d" not in mod["main"].script(show_meta=False):
+    conv2d = tvm.ir.Op.get("relax.nn.conv2d")
+    if not any(isinstance(b.value, relax.Call) and b.value.op.same_as(conv2d)
+               for block in mod["main"].body.blocks for b in block.bindings):
         return mod
     try:
         return relax.transform.ConvertLayout(DESIRED_LAYOUTS)(mod)

@@ -169,10 +169,23 @@ def export_segment_program(gm: fx.GraphModule, example_args):
     return ep, missing
 
 
+_POOLS = {"max_pool1d.default", "max_pool2d.default", "max_pool3d.default", "avg_pool1d.default",
+          "avg_pool2d.default", "avg_pool3d.default", "max_pool2d_with_indices.default"}
+
+
+def _normalize_args(ep) -> None:
+    """Arguments TVM's converters misread, spelled out: a pool's empty stride ([] means the
+    kernel size in ATen; TVM reads it as no stride at all)."""
+    for n in ep.graph.nodes:
+        if getattr(n.target, "__name__", "") in _POOLS and len(n.args) > 2 and not n.args[2]:
+            n.args = (*n.args[:2], n.args[1], *n.args[3:])
+
+
 def _import_exported(gm, example_args):
     from tvm.relax.frontend.torch import from_exported_program
 
     ep, missing = export_segment_program(gm, example_args)
+    _normalize_args(ep)
     training = [n.name for n in ep.graph.nodes if getattr(n.target, "__name__", "") == "batch_norm.default"
                 and len(n.args) > 5 and n.args[5]]
     if training:
@@ -210,7 +223,7 @@ def import_segment(gm: fx.GraphModule, input_specs, *, name: str = "", example_i
                            "test hook", name)
     if example_inputs is None:
         example_inputs = [np.zeros(tuple(s), dtype=str(d)) for s, d in input_specs]
-    args = [torch.as_tensor(np.ascontiguousarray(x)) for x in example_inputs]
+    args = [torch.tensor(np.asarray(x)) for x in example_inputs]   # copies: nothing may touch the caller's
     errors, first = [], None
     has_lrn = any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.LocalResponseNorm)
                   for n in gm.graph.nodes)

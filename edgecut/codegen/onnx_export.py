@@ -23,7 +23,9 @@ def export_segment(gm, example_inputs, path: str | Path, input_names, output_nam
     import torch
 
     path = Path(path)
-    args = tuple(torch.as_tensor(x) for x in example_inputs)
+    # copies: exporting runs the segment, and an in-place op on an input (SiLU(inplace=True) right
+    # after a boundary) would otherwise rewrite the caller's reference arrays
+    args = tuple(torch.tensor(np.asarray(x)) for x in example_inputs)
     errors = []
     for dynamo in (False, True):
         try:

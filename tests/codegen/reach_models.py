@@ -122,6 +122,37 @@ class Pools(nn.Module):
         return self.fc(torch.flatten(self.ad(self.p3(y)), 1))
 
 
+class ShapeBranch(nn.Module):
+    """Python control flow on a shape: torch.fx cannot trace it, so `edgecut.trace` falls back to
+    torch.export and the graph is ATen-level (conv2d.default, batch_norm.default, weights as
+    get_attr); a max pool with ATen's empty stride."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.ln, self.fc = nn.LayerNorm(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.c(x)))
+        if y.shape[-1] % 2 == 0:
+            y = F.max_pool2d(y, 2, ceil_mode=True)
+        y = self.ln(y.permute(0, 2, 3, 1)).mean((1, 2))
+        return self.fc(F.gelu(y))
+
+
+class InplaceFirst(nn.Module):
+    """conv -> bn | SiLU(inplace=True) -> conv: with the boundary after bn, the second segment's
+    first op rewrites its input (the ONNX export once rewrote the build's reference array)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.act, self.out = nn.SiLU(inplace=True), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.act(self.bn(self.conv(x))))
+
+
 # name -> (module, input shape, the node after which the middle boundary goes)
 CASES = {
     "residual_inplace": (Residual, (1, 8, 10, 10), "add"),
@@ -131,4 +162,6 @@ CASES = {
     "hardswish": (HardSwish, (1, 8, 12, 12), "act"),
     "channel_shuffle": (Shuffle, (1, 16, 8, 8), "cat"),
     "pools": (Pools, (1, 4, 23, 23), "p1"),
+    "inplace_first": (InplaceFirst, (1, 4, 9, 9), "bn"),
+    "aten_graph": (ShapeBranch, (1, 3, 10, 10), "max_pool2d"),
 }

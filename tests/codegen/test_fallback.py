@@ -78,6 +78,10 @@ def test_test_hook_forces_the_fallback_for_one_segment(tmp_path, monkeypatch):
         m = build_artifact(gm, table, "local", "local", tmp_path, (x,), progress=False)
     assert {lib.backend for lib in m.libraries if lib.segment == "seg1"} == {"onnxruntime"}
     assert {lib.backend for lib in m.libraries if lib.segment != "seg1"} == {"tvm"}
+    from edgecut.api import Artifact
+
+    report = Artifact(tmp_path, m, gm).report()
+    assert f"segment seg1 runs on ONNX Runtime (device, edge): " in report and FAIL_IMPORT_ENV in report
     want = model(x).detach().numpy()
     for plan in table.plans:
         assert max_error(chain(tmp_path, plan.id, x.numpy()).outputs["logits"], want) <= 1e-4
@@ -96,3 +100,40 @@ def test_onnxruntime_backend_never_builds_with_tvm(det, tmp_path):
         for plan in table.plans:
             got = chain(tmp_path, plan.id, x.numpy(), backend).outputs["logits"]
             assert max_error(got, want) <= 1e-4
+
+
+def test_a_library_entry_without_note_still_reads():
+    from edgecut.codegen.manifest import Library
+
+    old = {"side": "device", "segment": "seg0", "backend": "tvm", "file": "device/seg0.so",
+           "params": "device/seg0.params", "target": "local", "tvm_target": "llvm", "arch": "x86_64"}
+    lib = Library.from_dict(old)
+    assert lib.note == "" and Library.from_dict(lib.to_dict()) == lib
+
+
+def test_onnxruntime_backend_does_not_even_import_tvm(tmp_path):
+    """In a fresh interpreter: trace + build_artifact(backend="onnxruntime") leave TVM unimported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import sys, torch, edgecut
+from torch import nn
+from edgecut.codegen.artifact import build_artifact
+from edgecut.types import Cut, Plan, PlanTable
+model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+x = torch.randn(1, 3, 8, 8)
+gm = edgecut.trace(model, x)
+names = [n.name for n in gm.graph.nodes]
+mid = Cut("mid", frozenset(names[:3]), (names[2],))
+table = PlanTable((1.0,), (Plan(0, mid, 0.0, 0.0, 0.0),))
+m = build_artifact(gm, table, "local", "local", {str(tmp_path)!r}, (x,), backend="onnxruntime", progress=False)
+assert {{lib.backend for lib in m.libraries}} == {{"onnxruntime"}}
+print("tvm imported:", "tvm" in sys.modules)
+"""
+    root = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tvm imported: False" in out.stdout

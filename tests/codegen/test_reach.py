@@ -47,6 +47,12 @@ def test_boundary_in_the_middle_equals_eager(name, tmp_path):
     assert all(c["tvm_vs_torch"] <= 1e-4 for c in checks.values())
 
 
+def test_the_frontends_export_fallback_graph_is_aten_level():
+    _, _, gm, _ = traced("aten_graph")
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert "aten.batch_norm.default" in targets and any(n.op == "get_attr" for n in gm.graph.nodes)
+
+
 def test_every_find_cuts_candidate_of_a_block(tmp_path):
     from edgecut import costmodel
     from edgecut.passes.annotate_cost import annotate_cost

@@ -66,9 +66,16 @@ def _schedule_one_reduction(sch, blocks, main, lanes):
     for b in reversed(blocks[:idx]):
         if light or not has_if_then_else(sch, b):
             _try(sch.compute_inline, b)
-    # consumers: fold the element-wise chain into one block that runs per output tile
+    # consumers: fold the element-wise chain into one block that runs per output tile. A value
+    # read twice (SiLU's x * sigmoid(x), hardswish) first goes into its one reader, so the chain
+    # is linear: reverse-inlining a block whose output another block still reads leaves that
+    # read dangling ("T_add_intermediate is used before its definition" at lowering)
+    for b in blocks[idx + 1:-1]:
+        if len(sch.get_consumers(b)) == 1:
+            _try(sch.compute_inline, b)
     for b in reversed(blocks[idx + 1:]):
-        _try(sch.reverse_compute_inline, b)
+        if _alive(sch, b) and len(sch.get_producers(b)) == 1:
+            _try(sch.reverse_compute_inline, b)
     if not schedule_reduction(sch, main, lanes):
         schedule_outer_parallel(sch, main)
     root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
@@ -76,6 +83,14 @@ def _schedule_one_reduction(sch, blocks, main, lanes):
     for b in sch.get_child_blocks(root):
         if not _shares_outer_loop(sch, b, main_loops) and not _is_preproc(sch, b):
             schedule_injective(sch, b, lanes)
+
+
+def _alive(sch, block) -> bool:
+    try:
+        sch.get(block)
+        return True
+    except Exception:  # noqa: BLE001 - the block was inlined away
+        return False
 
 
 def _inline_data_movement(sch, blocks):
