@@ -82,9 +82,12 @@ class DadsNetwork:
             for u in p.preds[i]:
                 add(v, node(u), None)  # no device node after an edge node
             b, succ = p.out_bytes[i], p.succs[i]
-            if succ and b > 0:
+            if succ and (b > 0 or not p.sendable[i]):
                 tail = node(succ[0]) if len(succ) == 1 else ("x", i)
-                add(v, tail, 0, b)  # the transfer, once however many edge nodes use it
+                if p.sendable[i]:
+                    add(v, tail, 0, b)  # the transfer, once however many edge nodes use it
+                else:
+                    add(v, tail, None)  # not one tensor: never sent
                 if len(succ) > 1:
                     for c in succ:
                         add(tail, node(c), None)
@@ -233,7 +236,7 @@ def _all_cuts(p: CutProblem, cap: int) -> list[CutCost] | None:
         sets = [s + (on,) for s in sets for on in (False, True) if not on or all(s[j] for j in p.preds[i])]
         if len(sets) > cap:
             return None
-    return [p.cost(i for i, on in enumerate(s) if on) for s in sets]
+    return [cc for cc in (p.cost(i for i, on in enumerate(s) if on) for s in sets) if p.can_send(cc)]
 
 
 class MinCut:

@@ -70,3 +70,30 @@ def test_min_cut_and_brute_force_agree_on_ties(chain, bw):
 def test_find_cuts_lists_both_sides_of_a_fusion(chain):
     names = [c.name for c in find_cuts(chain)]
     assert "after:_0" in names and "after:_1" in names  # candidates stay; only ties choose
+
+
+class SplitMix(nn.Module):
+    """MixNet's mixed conv: torch.split's tuple feeds two convs; a tuple cannot be sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 5, padding=2)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        p, q = torch.split(self.stem(x), 4, dim=1)
+        return self.head(torch.cat([self.a(p), self.b(q)], 1).mean((2, 3)))
+
+
+def test_a_tuple_is_never_a_cut():
+    gm = edgecut.trace(SplitMix().eval(), torch.randn(1, 3, 32, 32))
+    local = load_profile("local")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        annotate_cost(gm, local.scaled(100), local)
+    split = next(n.name for n in gm.graph.nodes if n.target is torch.split)
+    assert f"after:{split}" not in [c.name for c in find_cuts(gm)]
+    for bw in bandwidth_grid(points=16):
+        assert split not in min_cut(gm, Link(bw)).crossing
+    table = plan_table(gm, deadline=10)
+    assert all(split not in p.cut.crossing for p in table.plans)
