@@ -51,6 +51,7 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     from edgecut.costmodel.profile import load_profile
     from edgecut.explain import layer_rows
     from edgecut.frontend import trace
+    from edgecut.frontend.tracing import require_one_output
     from edgecut.passes.annotate_cost import annotate_cost
     from edgecut.passes.candidates import candidates
     from edgecut.passes.plan_table import plan_table
@@ -68,6 +69,7 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
         gm, exit_info = model, dict(model.meta.get(meta.RIGHT_SIZING, {}))
     else:
         gm = trace(model, example_input)                                 # fx graph + layer metadata
+        require_one_output(gm)                                           # one tensor: the logits
         gm, exit_info = _right_size(gm, exits, data, example_input, epochs, max_accuracy_loss, num_exits, progress)
         gm.meta[meta.RIGHT_SIZING] = exit_info
     gm = annotate_cost(gm, dev_prof, edge_prof, allow_uncalibrated)     # device/edge seconds per node

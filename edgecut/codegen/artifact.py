@@ -272,7 +272,7 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
             f"segment {name} ({e.op} at node {e.node!r}: {e.reason})" for name, e in fallbacks.items())
             + ": those segments run on ONNX Runtime (see the artifact's report())", CodegenWarning, stacklevel=2)
     for side, store in stores.items():
-        if store:
+        if any(lib.side == side and lib.weights for lib in libraries):   # even empty: libraries name it
             save_arrays(out / side / WEIGHTS, store)
             files.append(f"{side}/{WEIGHTS}")
 

@@ -48,15 +48,18 @@ def test_segment_tvm_cannot_import_runs_on_onnxruntime(det, tmp_path):
     with pytest.warns(CodegenWarning, match=r"_linalg_det.* at node 'linalg_det'") as rec:
         m = build_artifact(gm, table, "local", "local", tmp_path, (x,), progress=False)
     assert len([w for w in rec if w.category is CodegenWarning]) == 1
-    backends = {(lib.side, lib.segment): lib.backend for lib in m.libraries}
-    det_seg = next(s.name for s in m.segments if "linalg_det" in s.nodes)
-    conv_seg = next(s.name for s in m.segments if "conv" in s.nodes)
-    assert backends[("edge", det_seg)] == "onnxruntime" and backends[("device", conv_seg)] == "tvm"
-    lib = next(lib for lib in m.libraries if lib.segment == det_seg)
-    assert lib.file == m.onnx[det_seg] and "_linalg_det" in lib.note
-    assert (tmp_path / "device" / f"{conv_seg}.so").is_file()
-    assert not (tmp_path / "edge" / f"{det_seg}.so").exists()
-    assert "onnx_vs_torch" in m.checks[det_seg] and "tvm_vs_torch" in m.checks[conv_seg]
+    # every library holding the det runs on ORT; one holding only the conv runs on TVM
+    det_segs = [s.name for s in m.segments if "linalg_det" in s.nodes]
+    conv_seg = next(s.name for s in m.segments if "conv" in s.nodes and "linalg_det" not in s.nodes)
+    assert det_segs and all(lib.backend == "onnxruntime" for lib in m.libraries if lib.segment in det_segs)
+    assert {lib.backend for lib in m.libraries if lib.segment == conv_seg} == {"tvm"}
+    for seg in det_segs:
+        lib = next(lib for lib in m.libraries if lib.segment == seg)
+        assert lib.file == m.onnx[seg] and "_linalg_det" in lib.note
+        assert not any((tmp_path / side / f"{seg}.so").exists() for side in ("device", "edge"))
+        assert "onnx_vs_torch" in m.checks[seg]
+    assert any((tmp_path / side / f"{conv_seg}.so").is_file() for side in ("device", "edge"))
+    assert "tvm_vs_torch" in m.checks[conv_seg]
     want = model(x).detach().numpy()
     for plan in table.plans:                        # TVM and ORT segments mixed, both sides
         assert max_error(chain(tmp_path, plan.id, x.numpy()).outputs["logits"], want) <= 1e-4
@@ -81,7 +84,7 @@ def test_test_hook_forces_the_fallback_for_one_segment(tmp_path, monkeypatch):
     from edgecut.api import Artifact
 
     report = Artifact(tmp_path, m, gm).report()
-    assert f"segment seg1 runs on ONNX Runtime (device, edge): " in report and FAIL_IMPORT_ENV in report
+    assert "segment seg1 runs on ONNX Runtime (" in report and FAIL_IMPORT_ENV in report
     want = model(x).detach().numpy()
     for plan in table.plans:
         assert max_error(chain(tmp_path, plan.id, x.numpy()).outputs["logits"], want) <= 1e-4
