@@ -83,9 +83,13 @@ def regime(manifest, plan_id: str) -> str:
 
 def run_demo(out: str | Path = "demo-out", *, bandwidths=BANDWIDTHS, deadlines=DEADLINES, requests: int = 100,
              device=None, rtt: float = RTT, epochs: int = 8, profile=None, seed: int = 0, progress: bool = True,
-             log=print, model: str = MODEL, shape=SHAPE, exits=EXIT_POINTS, quantile: float = 0.99) -> list[Row]:
+             log=print, model: str = MODEL, shape=SHAPE, exits=EXIT_POINTS, quantile: float = 0.99,
+             early_exit: bool = False, artifact=None) -> list[Row]:
     """Run the demo (see the module docstring); the rows, one per deadline and bandwidth.
-    `quantile`: of the measured times the device and the edge plan with."""
+    `quantile`: of the measured times the device and the edge plan with. `early_exit`: also take
+    an earlier exit's answer on the device when it is confident (BranchyNet); off, every request
+    runs its plan's exit, so the measured latency is the plan's. `artifact`: one an earlier demo
+    built (its `out/artifact`), used instead of training and compiling."""
     import numpy as np
     import torch
 
@@ -105,22 +109,30 @@ def run_demo(out: str | Path = "demo-out", *, bandwidths=BANDWIDTHS, deadlines=D
     device = device or DEMO_DEVICE
     log(f"device: {device.profile().notes}; edge: this CPU (profile {edge_prof.name}); link: "
         f"{format_time(rtt)} round trip, bandwidths {', '.join(format_bandwidth(b) for b in bandwidths)}")
-    log(f"compiling {model} at {shape[1]}x{shape[2]} (training its exits on digits first)")
-    art = edgecut.compile(zoo.get(model), x0, target="local", edge="local", deadline=min(deadlines),
-                          exits=list(exits), data=(train, val, test), profile=device.profile(),
-                          edge_profile=edge_prof, rtt=rtt, epochs=epochs, out_dir=out / "artifact", name=model,
-                          progress=progress)
+    if artifact is None:
+        log(f"compiling {model} at {shape[1]}x{shape[2]} (training its exits on digits first)")
+        art = edgecut.compile(zoo.get(model), x0, target="local", edge="local", deadline=min(deadlines),
+                              exits=list(exits), data=(train, val, test), profile=device.profile(),
+                              edge_profile=edge_prof, rtt=rtt, epochs=epochs, out_dir=out / "artifact", name=model,
+                              progress=progress)
+        path, man = art.path, art.manifest
+        png = art.explain(out / "plan.png", bandwidths[len(bandwidths) // 2])
+        log(f"explain: {png}")
+    else:
+        from edgecut.codegen.manifest import Manifest
+
+        path = Path(artifact)
+        man = Manifest.read(path)
+        log(f"using the artifact in {path} (not training or compiling)")
     t_built = time.monotonic()
-    acc = art.info.get("test_accuracy", [])
-    log(f"trained and compiled in {t_built - t_start:.0f} s: {len(art.manifest.candidates)} routes; exit test "
-        "accuracy " + ", ".join(f"exit {i}: {a:.3f}" for i, a in enumerate(acc)))
-    png = art.explain(out / "plan.png", bandwidths[len(bandwidths) // 2])
-    log(f"explain: {png}")
+    acc = man.info.get("test_accuracy", [])
+    log(f"built in {t_built - t_start:.0f} s: {len(man.candidates)} routes; exit test accuracy "
+        + ", ".join(f"exit {i}: {a:.3f}" for i, a in enumerate(acc)))
 
     xs = np.stack([test[i][0].numpy() for i in range(len(test))])[:, None]
     ys = np.array([int(test[i][1]) for i in range(len(test))])
-    rows = co_infer(art.path, xs, ys, bandwidths=bandwidths, deadlines=deadlines, requests=requests, device=device,
-                    rtt=rtt, quantile=quantile, seed=seed, log=log)
+    rows = co_infer(path, xs, ys, bandwidths=bandwidths, deadlines=deadlines, requests=requests, device=device,
+                    rtt=rtt, quantile=quantile, early_exit=early_exit, seed=seed, log=log)
     log("")
     log(summary(rows)[0])
     log(f"demo took {time.monotonic() - t_start:.0f} s (build {t_built - t_start:.0f} s); artifact and plan.png "
@@ -141,7 +153,8 @@ def summary(rows: list[Row]) -> list[str]:
 
 
 def co_infer(path, xs, ys, *, bandwidths=BANDWIDTHS, deadlines=DEADLINES, requests: int = 100, device=None,
-             rtt: float = RTT, quantile: float = 0.99, seed: int = 0, log=print) -> list[Row]:
+             rtt: float = RTT, quantile: float = 0.99, early_exit: bool = False, seed: int = 0,
+             log=print) -> list[Row]:
     """Serve the artifact at `path` (an edge server, which calibrates at start, behind a link
     emulator), calibrate `device` (an emulated `DeviceModel`) at its runtime's first start, and
     run `requests` of `xs` (labels `ys`) at each deadline and bandwidth: a Row each."""
@@ -159,13 +172,13 @@ def co_infer(path, xs, ys, *, bandwidths=BANDWIDTHS, deadlines=DEADLINES, reques
     t_cal = time.monotonic()
     try:
         log(f"edge calibrated at start; calibrating the emulated device ({len(man.candidates)} routes) ...")
-        _runtime(emulated, link, quantile).close()                            # the first start calibrates
+        _runtime(emulated, link, quantile, early_exit).close()                            # the first start calibrates
         log(f"device calibrated in {time.monotonic() - t_cal:.0f} s; {len(bandwidths) * len(deadlines)} rows "
             f"of {requests} requests")
         for d in deadlines:
             for bw in bandwidths:
                 link.set_rate(bw, bw)
-                rt = _runtime(emulated, link, quantile)
+                rt = _runtime(emulated, link, quantile, early_exit)
                 try:
                     rt.probe()
                     row = _run(rt, xs, ys, bw, d, requests, seed)
@@ -182,10 +195,10 @@ def co_infer(path, xs, ys, *, bandwidths=BANDWIDTHS, deadlines=DEADLINES, reques
     return rows
 
 
-def _runtime(part, link, quantile):
+def _runtime(part, link, quantile, early_exit):
     from edgecut.runtime.client import DeviceRuntime
 
-    return DeviceRuntime(part, edge=link.address, probe_interval=None, quantile=quantile)
+    return DeviceRuntime(part, edge=link.address, probe_interval=None, quantile=quantile, early_exit=early_exit)
 
 
 def _run(rt, xs, ys, bw, deadline, requests, seed) -> Row:

@@ -21,6 +21,11 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, default=8, help="exit training epochs (default 8)")
     p.add_argument("--quantile", type=float, default=0.99,
                    help="quantile of the measured times the device and the edge plan with (default 0.99)")
+    p.add_argument("--early-exit", action="store_true",
+                   help="also answer from an earlier exit on the device when it is confident (BranchyNet); default "
+                        "off: every request runs its plan's exit, so the measured latency is the plan's")
+    p.add_argument("--artifact", help="reuse the artifact an earlier demo built (OUTPUT/artifact): no training or "
+                                      "compiling (default: build one)")
     p.add_argument("--profile", help="cost profile of this machine, the edge (default: the shipped local profile); "
                                      "make one with `edgecut profile --target local`")
     p.set_defaults(func=run)
@@ -46,5 +51,5 @@ def run(args) -> int:
     run_demo(args.output, bandwidths=[parse_bandwidth(b) for b in args.bandwidths.split(",")],
              deadlines=[parse_time(d) for d in args.deadlines.split(",")], requests=args.requests,
              device=device, rtt=parse_time(args.rtt), epochs=args.epochs, profile=args.profile,
-             quantile=args.quantile)
+             quantile=args.quantile, early_exit=args.early_exit, artifact=args.artifact)
     return 0
