@@ -44,8 +44,9 @@ class BandwidthEstimator:
         if seconds <= 0:
             return None
         self.last_sample_at = time.monotonic()
-        if nbytes < self.min_bytes:
-            self.add_rtt(seconds)      # small: the time is mostly round trip, overheads and jitter
+        if nbytes < self.min_bytes:    # small: the time is mostly round trip, overheads and jitter;
+            bw = self.bandwidth        # its serialization at the current estimate is not round trip
+            self.add_rtt(seconds - (8.0 * nbytes / bw if bw else 0.0))
             return None
         sample = self.rate(nbytes, seconds)
         with self._lock:

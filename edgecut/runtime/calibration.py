@@ -3,8 +3,11 @@
 `calibrate(part, side)` runs each runnable plan's device part (`early_exit=False`, on the
 artifact's reference input) or edge part (on its crossing tensors) under the idle pattern of real
 requests: a sleep of 0, 5 and 20 ms before each call, not only back to back, because thread pools
-fall asleep and caches go cold between requests. It keeps every sample; `Calibration.seconds(q)`
-gives the q-quantile per plan id. `ensure_calibration` is what `DeviceRuntime` and `EdgeServer`
+fall asleep and caches go cold between requests. A device part with early-exit checks is also
+timed with its exit heads run but not taken (each head's library right after the part): what a
+request with early exit on costs when no exit fires, the worst case a deadline must survive. It
+keeps every sample; `Calibration.seconds(q, early_exit)` gives the q-quantile per plan id, with the
+heads when `early_exit`, without them otherwise. `ensure_calibration` is what `DeviceRuntime` and `EdgeServer`
 do at start: use the valid calibration beside the artifact, or make one and save it there.
 
 The file (`calibration-<side>.json` beside the artifact; `calibration-<side>-<runner>.json` for a
@@ -124,10 +127,12 @@ class Calibration:
     samples: dict                               # plan id -> tuple of seconds
     idle_pattern: tuple = IDLE_PATTERN
     path: str | None = field(default=None, compare=False)
+    with_heads: dict = field(default_factory=dict)   # plan id -> seconds with its exit heads run, not taken
 
-    def seconds(self, q: float = 0.99) -> dict:
-        """{plan id: the q-quantile of its seconds}."""
-        return {pid: quantile(s, q) for pid, s in self.samples.items()}
+    def seconds(self, q: float = 0.99, early_exit: bool = False) -> dict:
+        """{plan id: the q-quantile of its seconds}; `early_exit`: with its exit heads run and not
+        taken, for the plans that have heads."""
+        return {pid: quantile(self.with_heads.get(pid, s) if early_exit else s, q) for pid, s in self.samples.items()}
 
     def quantiles(self, plan_id: str) -> dict:
         return {k: quantile(self.samples[plan_id], q) for k, q in REPORTED.items()}
@@ -137,7 +142,8 @@ class Calibration:
                 "machine": dict(self.machine), "made_at": self.made_at,
                 "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.made_at)),
                 "idle_pattern": list(self.idle_pattern),
-                "plans": {pid: {**self.quantiles(pid), "n": len(s), "samples": list(s)}
+                "plans": {pid: {**self.quantiles(pid), "n": len(s), "samples": list(s),
+                                **({"with_heads": list(self.with_heads[pid])} if pid in self.with_heads else {})}
                           for pid, s in self.samples.items()}}
 
     @classmethod
@@ -149,7 +155,9 @@ class Calibration:
         try:
             return cls(d["side"], d["manifest_sha256"], dict(d["machine"]), float(d["made_at"]),
                        {pid: tuple(float(x) for x in p["samples"]) for pid, p in d["plans"].items()},
-                       tuple(d.get("idle_pattern", IDLE_PATTERN)), path)
+                       tuple(d.get("idle_pattern", IDLE_PATTERN)), path,
+                       {pid: tuple(float(x) for x in p["with_heads"]) for pid, p in d["plans"].items()
+                        if "with_heads" in p})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{where} is damaged ({type(e).__name__}: {e}); run `edgecut calibrate` again") from None
 
@@ -253,10 +261,12 @@ def calibrate(part, side: str = "device", *, idle_pattern=IDLE_PATTERN, repeats:
     if not plans:
         raise ArtifactError(f"nothing runs on the {side} side of this artifact: nothing to calibrate")
     tensors = _inputs(part, side, plans)
-    samples = {p.id: [] for p in plans}
+    heads = _heads(part, plans) if side == "device" else {}
+    samples, with_heads = {p.id: [] for p in plans}, {pid: [] for pid in heads}
     for _ in range(warmup):
         for p in plans:
             part.run(p.id, dict(tensors[p.id]), early_exit=False)
+            _time_heads(heads.get(p.id, ()))
     for _ in range(repeats):
         for idle in idle_pattern:
             for p in plans:
@@ -265,9 +275,32 @@ def calibrate(part, side: str = "device", *, idle_pattern=IDLE_PATTERN, repeats:
                 t = time.perf_counter()
                 part.run(p.id, dict(tensors[p.id]), early_exit=False)
                 samples[p.id].append(time.perf_counter() - t)
-    return Calibration(side, _sha(part), fingerprint(runner_of(part)), time.time(),
-                       {pid: tuple(sorted(round(x, 9) for x in s)) for pid, s in samples.items()},
-                       tuple(idle_pattern))
+                if p.id in heads:
+                    with_heads[p.id].append(samples[p.id][-1] + _time_heads(heads[p.id]))
+
+    def rounded(d):
+        return {pid: tuple(sorted(round(x, 9) for x in s)) for pid, s in d.items()}
+    return Calibration(side, _sha(part), fingerprint(runner_of(part)), time.time(), rounded(samples),
+                       tuple(idle_pattern), with_heads=rounded(with_heads))
+
+
+def _heads(part, plans) -> dict:
+    """plan id -> [(library call, its input arrays)] of its early-exit heads, for the plans
+    that have checks (inputs shaped as the manifest's tensor specs)."""
+    man, rng, out = part.manifest, np.random.default_rng(1), {}
+    segments, run = {s.name: s for s in man.segments}, getattr(part, "_run", {})
+    for p in plans:
+        names = [h for _, _, hs in man.route(p.id).checks for h in hs]
+        if names and all(n in run and n in segments for n in names):
+            out[p.id] = [(run[n], [_like(man.tensors[i], rng) for i in segments[n].inputs]) for n in names]
+    return out
+
+
+def _time_heads(calls) -> float:
+    t = time.perf_counter()
+    for fn, args in calls:
+        fn(args)
+    return time.perf_counter() - t
 
 
 def default_path(part, side: str) -> Path | None:
@@ -288,6 +321,9 @@ def ensure_calibration(part, side: str, spec=True, **kw) -> Calibration | None:
     the reason); a missing one, or one older than the manifest, is made (`calibrate(**kw)`) and
     saved. None when `part` has no artifact directory to calibrate from."""
     if spec is False or spec is None:
+        return None
+    if not side_plans(part.manifest, side):
+        log.info("nothing runs on the %s side of this artifact: nothing to calibrate", side)
         return None
     machine = fingerprint(runner_of(part))
     if isinstance(spec, Calibration):

@@ -145,7 +145,7 @@ class DeviceRuntime:
             self.part = load(artifact, side="device", backend=backend)
         self.model, self.manifest_sha256 = P.manifest_identity(self.part)
         self.planner = Replanner(self.part, deadline=deadline, calibrate=calibrate, quantile=quantile,
-                                 adapt=adapt, window=window, recheck_s=recheck_s)
+                                 adapt=adapt, window=window, recheck_s=recheck_s, early_exit=early_exit)
         self.edge, self.token = edge, (bytes(token) if token else None)
         self.deadline, self.early_exit = deadline, early_exit
         self.connect_timeout, self.request_timeout, self.retry_interval = connect_timeout, request_timeout, retry_interval

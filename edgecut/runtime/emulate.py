@@ -75,6 +75,9 @@ class DeviceModel:
 # A Raspberry-Pi-class device: alexnet_cifar's 28 M MACs in ~40 ms (what the shipped local profile
 # scaled 100x predicted for it), 0.5 ms a library call, 2 ns an element copied in or out.
 PI_CLASS = DeviceModel(macs_per_s=0.7e9, call_s=0.5e-3, s_per_elem=2e-9, name="emulated-pi")
+# The demo's device (`edgecut demo`, bench/edgent.py): a slower Pi, that runs zoo.alexnet_edgent's
+# 32 M MACs in ~64 ms, its layers before pool1 in ~11 ms.
+DEMO_DEVICE = DeviceModel(macs_per_s=0.5e9, call_s=0.5e-3, s_per_elem=2e-9, name="emulated-pi")
 
 
 def wait_until(t_end: float) -> None:
@@ -109,6 +112,9 @@ class EmulatedDevice(_Paced):
 
     def __init__(self, part, model: DeviceModel):
         self.model = model
+        # its calibration file and fingerprint: emulated devices with other settings are other machines
+        self.calibration_tag = (f"{model.name}-{model.macs_per_s / 1e6:g}Mmacs-{model.call_s * 1e3:g}ms"
+                                f"-{model.s_per_elem * 1e9:g}ns")
         self.overruns: list[tuple[str, float, float]] = []
         m = part.manifest
         segments = {s.name: s for s in m.segments}

@@ -201,10 +201,11 @@ class Replanner:
 
     With nothing measured (`measured` False: no calibration, no welcome times), `choose` follows
     the artifact's table; a part whose `table` is not its manifest's (a wrapper that narrows the
-    choice) is planned over that table's plans only."""
+    choice) is planned over that table's plans only. `early_exit`: the device times planned with
+    include the exit heads (run, not taken: the worst case), as the runtime runs its plans."""
 
     def __init__(self, part, *, deadline: float | None = None, calibrate=True, quantile: float = 0.99,
-                 adapt: bool = True, window: int = 32, recheck_s: float = 30.0):
+                 adapt: bool = True, window: int = 32, recheck_s: float = 30.0, early_exit: bool = False):
         self.part, self.deadline, self.adapt = part, deadline, adapt
         self.table = part.table
         self.rtt = 0.0
@@ -213,7 +214,7 @@ class Replanner:
         self.measured = self.calibration is not None
         self._welcome: dict = {}
         if self.calibration is not None:
-            self.estimates.set("device", self.calibration.seconds(quantile))
+            self.estimates.set("device", self.calibration.seconds(quantile, early_exit))
             self.resolve()
 
     def _routes(self) -> list:

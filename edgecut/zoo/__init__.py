@@ -13,7 +13,7 @@ from typing import Callable
 from torch import nn
 
 from edgecut.errors import UsageError
-from edgecut.zoo.alexnet import AlexNet, AlexNetCifar
+from edgecut.zoo.alexnet import AlexNet, AlexNetCifar, AlexNetEdgent
 from edgecut.zoo.mobilenet import MobileNetV2
 from edgecut.zoo.resnet import ResNet
 from edgecut.zoo.tiny import TinyChain, TinyDAG
@@ -23,6 +23,7 @@ from edgecut.zoo.vgg import VGG
 MODELS: dict[str, tuple[Callable[..., nn.Module], tuple]] = {
     "alexnet": (AlexNet, (1, 3, 224, 224)),
     "alexnet_cifar": (AlexNetCifar, (1, 3, 32, 32)),
+    "alexnet_edgent": (AlexNetEdgent, (1, 3, 64, 64)),
     "vgg16": (VGG, (1, 3, 224, 224)),
     "resnet18": (ResNet, (1, 3, 224, 224)),
     "mobilenet_v2": (MobileNetV2, (1, 3, 224, 224)),

@@ -60,3 +60,30 @@ class AlexNetCifar(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+
+class AlexNetEdgent(nn.Module):
+    """A slim AlexNet for 64x64 inputs, the demo's model: torchvision's stride-4 11x11 conv1
+    shrinks the 48 KiB input to a 12 KiB tensor after pool1 and 1 KiB after pool3, so a cut in
+    the middle sends a quarter of the input; five conv layers, then a small classifier (two
+    linear layers) that keeps compiling and training fast."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, dropout: float = 0.25):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),                                   # 64 x 7 x 7
+            nn.Conv2d(64, 160, kernel_size=5, padding=2), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),                                   # 160 x 3 x 3
+            nn.Conv2d(160, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),                                   # 256 x 1 x 1
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(256, 128), nn.ReLU(inplace=True),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))

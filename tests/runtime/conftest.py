@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import socket
 import sys
 import threading
@@ -57,6 +58,15 @@ def build_exit_artifact(out):
 def exit_artifact(tmp_path_factory):
     """A built artifact (see build_exit_artifact), shared: copy it before writing beside it."""
     return build_exit_artifact(tmp_path_factory.mktemp("exit_artifact") / "art")
+
+
+@pytest.fixture
+def art(exit_artifact, tmp_path):
+    """A private copy of the exit artifact, without calibrations (they are written beside it)."""
+    path, x = exit_artifact
+    dst = tmp_path / "art"
+    shutil.copytree(path, dst, ignore=shutil.ignore_patterns("calibration-*"))
+    return dst, x
 
 
 @pytest.fixture

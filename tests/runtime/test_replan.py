@@ -4,7 +4,6 @@ edge time or bandwidth."""
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 
 import numpy as np
@@ -21,14 +20,6 @@ SLOW = 0.3              # an edge this much slower misses it
 
 def _trace(results) -> list:
     return [(r.plan_id, r.where, r.reason, round(r.total_s, 3)) for r in results]
-
-
-@pytest.fixture
-def art(exit_artifact, tmp_path):
-    path, x = exit_artifact
-    dst = tmp_path / "art"
-    shutil.copytree(path, dst, ignore=shutil.ignore_patterns("calibration-*"))
-    return dst, x
 
 
 class SlowerEdge:

@@ -58,3 +58,14 @@ def test_settled_batchnorm_makes_mobilenet_logits_depend_on_the_input():
         spread = lambda m: float((m(x) - m(2 * x)).abs().max() / m(x).abs().max())  # noqa: E731
         assert spread(fresh) < 1e-3 < 0.1 < spread(settled)
     assert not settled.training
+
+
+def test_the_demo_model_has_a_small_tensor_in_the_middle():
+    """zoo.alexnet_edgent at 64x64: input 48 KiB, pool1 12.25 KiB, pool3 1 KiB (what makes a
+    partition in the middle worth it), ~32 M MACs."""
+    from edgecut.frontend import meta
+
+    gm = edgecut.trace(zoo.get("alexnet_edgent"), torch.randn(*zoo.default_input_shape("alexnet_edgent")))
+    size = {n.name: n.meta[meta.OUT_BYTES] for n in gm.graph.nodes}
+    assert (size["x"], size["features_2"], size["features_12"]) == (48 * 1024, 3136 * 4, 1024)
+    assert 30e6 < totals(gm)["macs"] < 34e6
