@@ -48,14 +48,16 @@ class RouteCost:
     up_bytes: int
     down_bytes: int
     cut: Cut | None = None
+    link_factor: float = 1.0     # observed / modelled link time to plan with (>= 1: the link's jitter)
 
     def transfer_s(self, link: Link) -> float:
-        """Seconds on `link` (0 for a device-only route; a round trip even if nothing is sent up)."""
+        """Seconds on `link` (0 for a device-only route; a round trip even if nothing is sent up),
+        times `link_factor`."""
         if self.device_only:
             return 0.0
         if self.up_bytes > 0:
-            return link.transfer_seconds(self.up_bytes, self.down_bytes)
-        return link.rtt + link.overhead + 8.0 * self.down_bytes / link.bandwidth
+            return self.link_factor * link.transfer_seconds(self.up_bytes, self.down_bytes)
+        return self.link_factor * (link.rtt + link.overhead + 8.0 * self.down_bytes / link.bandwidth)
 
     def latency_s(self, link: Link) -> float:
         return self.device_s + self.transfer_s(link) + self.edge_s

@@ -289,8 +289,9 @@ class DeviceRuntime:
             self._drop(f"bad reply: {e}")
             return self._fallback(inputs, t0, end, early, f"edge sent a bad reply: {e}", res.seconds, bw)
         transfer_s = max(round_trip - edge_s, 0.0)
+        before = self._link()
         self.estimator.add_transfer(up + down, transfer_s)
-        self.planner.observe(plan.id, "transfer", transfer_s)
+        self.planner.transferred(plan.id, transfer_s, before, self._link())
         self.planner.observe(plan.id, "edge", edge_s)
         return Result(outputs, plan.id, res.exit_id, "edge", f"plan {plan.id} at {_mbit(bw)}", res.seconds,
                       transfer_s, edge_s, time.monotonic() - t0, bw,

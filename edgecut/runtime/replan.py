@@ -42,6 +42,10 @@ from edgecut import planning
 from edgecut.runtime.calibration import ensure_calibration, quantile
 from edgecut.types import Link
 
+LINK_FACTOR_MAX = 3.0    # the link's jitter planned for is at most this x its model
+LINK_TOLERANCE = 0.02    # a link factor that moved less than this (relative) is not a change
+LINK_STEP = 1.5          # a bandwidth estimate that moved more than this x between transfers is a new link
+
 SIDES = ("device", "edge")
 CENSORED_FACTOR = 2.0     # a part that did not finish in t seconds is planned as taking this x t
 
@@ -85,6 +89,8 @@ class LatencyEstimates:
         self._cache = (-1, [])            # (version, routes)
         self._raised = False              # some estimate may be above its calibrated value
         self.changes: list[Change] = []   # every change, in order
+        self._link = deque(maxlen=self.window)   # observed / modelled link time, one per transfer
+        self.link_factor = 1.0                   # its quantile (>= 1, <= LINK_FACTOR_MAX): planned with
 
     def set(self, side: str, seconds: dict) -> None:
         """Replace the estimates of `side` for the plans `seconds` names (a calibration, the
@@ -105,7 +111,8 @@ class LatencyEstimates:
         with self._lock:
             if self._cache[0] != self.version:
                 self._cache = (self.version, [replace(r, device_s=self._est["device"][p],
-                                                      edge_s=self._est["edge"].get(p, 0.0))
+                                                      edge_s=self._est["edge"].get(p, 0.0),
+                                                      link_factor=self.link_factor)
                                               for p, r in self._routes.items()])
             return self._cache[1]
 
@@ -149,6 +156,34 @@ class LatencyEstimates:
             self.changes.append(change)
             self.version += 1
             return change
+
+    def observe_link(self, observed: float, modelled: float) -> Change | None:
+        """Record one transfer: `observed` seconds where the link model said `modelled`. The
+        link's time is planned as the model times the quantile of these ratios (so the spread of
+        transfer times counts like that of compute times); the change, if it moved."""
+        if not (modelled > 0 and observed >= 0):
+            return None
+        with self._lock:
+            self._link.append(observed / modelled)
+            if len(self._link) < self.min_samples:
+                return None
+            new = min(max(quantile(self._link, self.quantile), 1.0), LINK_FACTOR_MAX)
+            if abs(new - self.link_factor) <= LINK_TOLERANCE * self.link_factor:
+                return None
+            change = Change("*", "link", self.link_factor, new, f"p{self.quantile * 100:g} of the last "
+                                                                  f"{len(self._link)} transfers / link model")
+            self.link_factor = new
+            self.changes.append(change)
+            self.version += 1
+            return change
+
+    def reset_link(self) -> None:
+        """The bandwidth estimate stepped: the ratios describe the old link; start again."""
+        with self._lock:
+            self._link.clear()
+            if self.link_factor != 1.0:
+                self.link_factor = 1.0
+                self.version += 1
 
     def _move(self, side: str, plan_id: str, old: float, new: float) -> None:
         """Set `plan_id`'s estimate; raise the side's other plans with a rise (with self._lock)."""
@@ -261,6 +296,25 @@ class Replanner:
         if not (self.adapt and self.measured):
             return
         change = self.estimates.observe(plan_id, side, seconds, censored=censored)
+        if change is not None:
+            log.info("re-planning: %s", change)
+            self.resolve()
+
+    def transferred(self, plan_id: str, seconds: float, before: tuple, after: tuple) -> None:
+        """Online correction of the link: a transfer of `plan_id` took `seconds`; `before` and
+        `after` are the (bandwidth, rtt) estimates before and after it was counted. A step of the
+        estimate (over `LINK_STEP`x) resets the link's ratios; otherwise the transfer is compared
+        with the model at the new estimate."""
+        self.estimates.observe(plan_id, "transfer", seconds)
+        route = self.estimates._routes.get(plan_id)
+        if not (self.adapt and self.measured) or route is None or not all(b > 0 and math.isfinite(b)
+                                                                          for b in (before[0], after[0])):
+            return
+        if max(before[0] / after[0], after[0] / before[0]) > LINK_STEP:
+            self.estimates.reset_link()
+            self.resolve()
+            return
+        change = self.estimates.observe_link(seconds, route.transfer_s(Link(*after)))
         if change is not None:
             log.info("re-planning: %s", change)
             self.resolve()

@@ -91,3 +91,33 @@ def test_a_raised_estimate_of_an_unused_plan_is_tried_again_with_backoff():
     est.observe("e1/input", "edge", 70 * MS, censored=True)
     time.sleep(0.06)
     assert [c for c in est.relax() if c.plan_id == "e1/input"]
+
+
+def test_the_links_spread_is_planned_for_and_a_bandwidth_step_forgets_it():
+    """Transfers that run over the link model (jitter, queueing) raise the link time every route
+    is planned with to the quantile of observed / modelled; a reset (a bandwidth step) drops it."""
+    from edgecut.planning import solve_table
+    from edgecut.types import Link
+
+    est = LatencyEstimates(routes(), quantile=0.9, window=20, min_samples=8)
+    link = Link(8e6, 10 * MS)
+    mid = est.routes()[1]
+    base = mid.transfer_s(link)
+    for k in range(7):                                   # under min_samples: nothing moves
+        assert est.observe_link(base * (1.0 + 0.05 * (k % 3)), base) is None
+    est.observe_link(base * 1.3, base)                   # one outlier reads as the second largest
+    assert est.link_factor == pytest.approx(1.1)
+    ch = est.observe_link(base * 1.3, base)              # two are the tail
+    assert ch is not None and ch.side == "link" and est.link_factor == pytest.approx(1.3)
+    assert est.routes()[1].transfer_s(link) == pytest.approx(1.3 * base)
+    assert est.routes()[0].transfer_s(link) == 0.0       # device-only pays no link
+    # planned with the spread: a route that fits the model alone but not its spread is not taken
+    plain = solve_table(routes(), deadline=mid.latency_s(link) + 0.1 * MS, rtt=link.rtt, bandwidths=[8e6])
+    spread = solve_table(est.routes(), deadline=mid.latency_s(link) + 0.1 * MS, rtt=link.rtt, bandwidths=[8e6])
+    assert plain.plans[0].exit == 1 and spread.plans[0].id == "e0/device"
+    for _ in range(20):                                  # faster than the model never plans below it
+        est.observe_link(0.5 * base, base)
+    assert est.link_factor == 1.0
+    est.observe_link(2 * base, base)
+    est.reset_link()
+    assert est.link_factor == 1.0 and est.observe_link(5 * base, base) is None
