@@ -10,6 +10,21 @@ from edgecut.errors import UsageError
 from edgecut.units import parse_bandwidth, parse_time
 
 
+def add_calibration_args(p, side: str) -> None:
+    """--calibration FILE, --no-calibrate and --quantile, for `run` (device) and `serve` (edge)."""
+    p.add_argument("--calibration", metavar="FILE",
+                   help=f"the {side} calibration to plan with (default: calibration-{side}.json beside the artifact, "
+                        "made at the first start when missing or older than the artifact)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help=f"do not time the {side} parts: plan with the artifact's predictions")
+    p.add_argument("--quantile", type=float, default=0.99,
+                   help="quantile of the measured times to plan with (default 0.99)")
+
+
+def calibration_spec(args):
+    return False if args.no_calibrate else (args.calibration or True)
+
+
 def register(sub) -> None:
     p = sub.add_parser("run", help="run an input through an artifact as a device, with or without an edge server",
                        description="Run the device side of ARTIFACT on --input, send the crossing tensors to the "
@@ -27,6 +42,7 @@ def register(sub) -> None:
     p.add_argument("--repeat", type=int, default=1, help="answer the input this many times (plans may change)")
     p.add_argument("--timeout", default="10s", help="longest wait for the edge without a deadline (default 10s)")
     p.add_argument("--output", metavar="FILE.npy", help="save the last answer's logits here")
+    add_calibration_args(p, "device")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer")
     p.set_defaults(func=run)
 
@@ -55,7 +71,7 @@ def run(args) -> int:
     edge = parse_address(args.edge, "--edge") if args.edge else None
     rt = DeviceRuntime(args.artifact, edge=edge, token=read_token(args.token_file), backend=args.backend,
                        early_exit=not args.no_early_exit, request_timeout=parse_time(args.timeout),
-                       probe_interval=None,
+                       probe_interval=None, calibrate=calibration_spec(args), quantile=args.quantile,
                        initial_bandwidth=parse_bandwidth(args.bandwidth) if args.bandwidth else None)
     deadline = parse_time(args.deadline) if args.deadline else None
     with rt:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from edgecut.cli.run import add_calibration_args, calibration_spec
 from edgecut.units import parse_size, parse_time
 
 
@@ -22,6 +23,7 @@ def register(sub) -> None:
     p.add_argument("--max-frame", default="64MiB", help="largest frame accepted (default 64MiB)")
     p.add_argument("--timeout", default="30s", help="longest a request may take (default 30s; devices may ask less)")
     p.add_argument("--quiet", action="store_true", help="log warnings only (no line per connection)")
+    add_calibration_args(p, "edge")
     p.set_defaults(func=run)
 
 
@@ -33,7 +35,8 @@ def run(args) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     server = EdgeServer(args.artifact, args.host, args.port, token=read_token(args.token_file),
                         insecure=args.insecure, backend=args.backend, workers=args.workers, max_queue=args.queue,
-                        max_frame=parse_size(args.max_frame), request_timeout=parse_time(args.timeout))
+                        max_frame=parse_size(args.max_frame), request_timeout=parse_time(args.timeout),
+                        calibrate=calibration_spec(args), quantile=args.quantile)
     try:
         server.start()
     except OSError as e:

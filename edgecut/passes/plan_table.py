@@ -18,25 +18,15 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch.fx as fx
 
 from edgecut.errors import UsageError
 from edgecut.passes.find_cuts import CutCost, CutProblem, exit_specs
 from edgecut.passes.mincut import MinCut, local_or
 from edgecut.passes.solve import check_args, exit_order, infeasible, make_plan
+from edgecut.planning import GRID_POINTS, HIGH_BANDWIDTH, LOW_BANDWIDTH, bandwidth_grid  # noqa: F401 (re-exported)
 from edgecut.types import Link, PlanTable
 from edgecut.units import format_bandwidth
-
-LOW_BANDWIDTH, HIGH_BANDWIDTH, GRID_POINTS = 50e3, 1e9, 64
-
-
-def bandwidth_grid(low: float = LOW_BANDWIDTH, high: float = HIGH_BANDWIDTH, points: int = GRID_POINTS) -> tuple:
-    """`points` bandwidths (bit/s) from `low` to `high`, evenly spaced on a log scale."""
-    if not (0 < low < high) or points < 2:
-        raise UsageError(f"bandwidth grid needs 0 < low < high and >= 2 points, got {low}, {high}, {points}")
-    return tuple(float(b) for b in np.geomspace(low, high, int(points)))
-
 
 def plan_table(gm: fx.GraphModule, deadline: float = math.inf, rtt: float = 0.0, overhead: float = 0.0,
                bandwidths=None, objective: str = "accuracy", margin: float = 0.0) -> PlanTable:

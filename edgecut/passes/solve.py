@@ -20,28 +20,16 @@ Reads what `find_cuts` reads (run `annotate_cost` first). Writes nothing.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import torch.fx as fx
 
-from edgecut.errors import DeadlineWarning, UsageError
+from edgecut.errors import DeadlineWarning
 from edgecut.passes.find_cuts import CutCost, CutProblem, exit_specs
 from edgecut.passes.mincut import best_cut
+from edgecut.planning import OBJECTIVES, check_args  # noqa: F401 (re-exported; torch-free)
 from edgecut.types import Link, Plan
 from edgecut.units import format_bandwidth, format_time
-
-OBJECTIVES = ("accuracy", "latency")
-
-
-def check_args(deadline: float, objective: str, margin: float) -> None:
-    if objective not in OBJECTIVES:
-        raise UsageError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
-    if not (isinstance(deadline, numbers.Real) and deadline > 0):
-        raise UsageError(f"deadline must be a positive number of seconds (math.inf for none), got {deadline!r}")
-    if not (isinstance(margin, numbers.Real) and 0 <= margin < math.inf):
-        raise UsageError(f"margin is a relative prediction error such as 0.1 (10%), got {margin!r}")
-
 
 def exit_order(exits: list[dict], objective: str) -> list[dict]:
     """The exits to try, in order: most accurate first ("accuracy"), only the final one ("latency")."""

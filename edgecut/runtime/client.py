@@ -5,10 +5,17 @@ answers `infer(inputs, deadline=...)` with a `Result`: the logits, the plan used
 came from ("device": device-only plan or an early exit; "edge"; "fallback": the edge could not
 answer, so a local exit did) and why, and the time split (device, transfer, edge).
 
-Each request picks its plan from the artifact's PlanTable at the current bandwidth estimate
+Plans from measurements: at its first start the runtime times its device parts (`calibration`;
+kept beside the artifact, redone when stale), takes the edge's measured times from the server's
+welcome, and plans every request with `planning.choose` over the artifact's runnable plans: their
+device and edge seconds (`estimates.LatencyEstimates`, corrected online from every request's
+measured times, planned to the `quantile`, p99 by default) and the link's bandwidth and RTT
 (`bandwidth.BandwidthEstimator`, fed by every transfer, and by a small probe when the link has
-been idle for `probe_interval` seconds). A per-request deadline other than the table's re-plans
-over the table's plans with the measured link. Every socket operation has a deadline, so a dead,
+been idle for `probe_interval` seconds). `table` is the plan table re-solved from the current
+estimates (`planning.solve_table`). With nothing measured (a part with no artifact directory,
+`calibrate=False` and an edge that sends no times), requests follow the artifact's PlanTable at
+the current bandwidth, and a per-request deadline other than the table's re-plans over the
+table's plans with the predicted times. Every socket operation has a deadline, so a dead,
 slow or refusing edge costs at most the request's deadline (or `request_timeout`), never a hang.
 """
 from __future__ import annotations
@@ -26,7 +33,7 @@ import numpy as np
 from edgecut.errors import ProtocolError, RemoteError
 from edgecut.runtime import protocol as P
 from edgecut.runtime.bandwidth import BandwidthEstimator
-from edgecut.types import Link
+from edgecut.runtime.replan import Replanner
 
 REPLY_SPIN_S = 300e-6    # poll for a reply without sleeping this long when the last one came this fast
 PROBE_ROUNDS = 4         # uploads per probe at most
@@ -58,7 +65,8 @@ class Result:
 
 
 class EdgeConnection:
-    """One handshaken connection to an edge server; one request at a time."""
+    """One handshaken connection to an edge server; one request at a time. `edge_s`: the
+    server's measured seconds per plan id from its welcome ({} when it sent none)."""
 
     def __init__(self, host: str, port: int, model: str, manifest_sha256: str, *, token: bytes | None = None,
                  deadline: float | None = None, max_frame: int = P.DEFAULT_MAX_FRAME):
@@ -84,6 +92,7 @@ class EdgeConnection:
                 raise RemoteError(*P.error_of(reply))
             if reply["type"] != "welcome":
                 raise ProtocolError(f"expected a welcome from the edge server, got {reply['type']!r}")
+            self.edge_s = _edge_times(reply.get("edge_s"))
         except BaseException:
             self.ch.close()
             raise
@@ -112,26 +121,36 @@ class DeviceRuntime:
     a connection attempt and a request without a deadline; retry_interval: after a failure, how
     long the edge is not retried (requests answer locally meanwhile). probe_interval: probe the
     link when idle this long (None: only measure real transfers). initial_bandwidth: bit/s to
-    plan the first request with (default: probe at the first request)."""
+    plan the first request with (default: probe at the first request).
+
+    calibrate: True (the device calibration beside the artifact; made at this first start when
+    missing or older than the artifact), a path or a `Calibration`, or False (plan with the
+    artifact's predictions). quantile: of the measured times to plan with (0.99). adapt: correct
+    the estimates online from every request (`window` samples per plan); an estimate raised
+    online for a plan no longer used returns to its calibrated value after `recheck_s` (doubled
+    each time the plan proves still slow), so the plan is tried again. See `replan.Replanner`."""
 
     def __init__(self, artifact, edge: tuple[str, int] | None = None, *, token: bytes | None = None,
                  backend: str = "tvm", deadline: float | None = None, early_exit: bool = True,
                  connect_timeout: float = 2.0, request_timeout: float = 30.0, retry_interval: float = 1.0,
                  probe_interval: float | None = 5.0, initial_bandwidth: float | None = None,
-                 max_frame: int = P.DEFAULT_MAX_FRAME):
+                 max_frame: int = P.DEFAULT_MAX_FRAME, calibrate=True, quantile: float = 0.99,
+                 adapt: bool = True, window: int = 32, recheck_s: float = 30.0):
         if hasattr(artifact, "run"):
             self.part = artifact
         else:
             from edgecut.codegen.load import load
             self.part = load(artifact, side="device", backend=backend)
         self.model, self.manifest_sha256 = P.manifest_identity(self.part)
-        self.table = self.part.table
+        self.planner = Replanner(self.part, deadline=deadline, calibrate=calibrate, quantile=quantile,
+                                 adapt=adapt, window=window, recheck_s=recheck_s)
         self.edge, self.token = edge, (bytes(token) if token else None)
         self.deadline, self.early_exit = deadline, early_exit
         self.connect_timeout, self.request_timeout, self.retry_interval = connect_timeout, request_timeout, retry_interval
         self.probe_interval, self.max_frame = probe_interval, max_frame
         self.estimator = BandwidthEstimator(initial_bandwidth=initial_bandwidth)
         self.plan_history: list[str] = []          # plan id of each request, in order
+        self._warned_infeasible, self._first = False, True
         self._conn: EdgeConnection | None = None
         self._last_attempt, self._last_error = -math.inf, "not connected yet"
         self._last_activity = time.monotonic()
@@ -144,34 +163,27 @@ class DeviceRuntime:
             self._prober.start()
 
     # ------------------------------------------------------------------------------ planning
-    def choose_plan(self, deadline: float | None = None):
-        """The plan for the current bandwidth estimate: the table's lookup, or, for a deadline
-        other than the table's, the most accurate plan whose predicted latency fits it."""
+    table = property(lambda self: self.planner.table, doc="the plan table from the current estimates")
+    estimates = property(lambda self: self.planner.estimates, doc="per plan device/edge seconds (online)")
+    calibration = property(lambda self: self.planner.calibration, doc="the device calibration, or None")
+    measured = property(lambda self: self.planner.measured, doc="planning from measurements")
+
+    def _link(self) -> tuple[float, float]:
+        """(bandwidth to plan with, rtt): 0 without an edge, infinite before the first estimate."""
         bw = self.estimator.bandwidth
         if bw is None or self.edge is None:
             bw = 0.0 if self.edge is None else math.inf
-        if deadline is None or math.isclose(deadline, self.table.deadline, rel_tol=1e-6):
-            return self.table.lookup(bw)
-        link = Link(max(bw, 1.0), self.estimator.rtt or 0.0)
-        best, best_key = None, None
-        for p in self.table.plans:
-            if not p.cut.device_only and self.edge is None:
-                continue
-            pred = p.device_s + p.edge_s + (0.0 if p.cut.device_only else link.transfer_seconds(p.cut.crossing_bytes))
-            acc = p.accuracy if p.accuracy == p.accuracy else -math.inf
-            key = (pred <= deadline, acc if pred <= deadline else -pred, p.exit, -pred)
-            if best_key is None or key > best_key:
-                best, best_key = p, key
-        return best or self.table.lookup(bw)
+        return bw, self.estimator.rtt or 0.0
+
+    def choose_plan(self, deadline: float | None = None):
+        """The plan for the current bandwidth estimate: from measurements, `planning.choose` over
+        the current estimates; with nothing measured, the artifact table's lookup, or, for a
+        deadline other than the table's, the most accurate plan whose predicted latency fits."""
+        return self.planner.choose(*self._link(), deadline, self.edge is not None)
 
     def _local_plan(self, end: float | None):
-        """The device-only plan to answer with: the most accurate device-only plan of the table
-        that fits the time left, else the artifact's fallback plan."""
-        left = math.inf if end is None else end - time.monotonic()
-        local = [p for p in self.table.plans if p.cut.device_only and p.device_s <= left]
-        if local:
-            return max(local, key=lambda p: (p.accuracy if p.accuracy == p.accuracy else -math.inf, p.exit)).id
-        return self.part.fallback_plan_id
+        """The device-only plan to answer with (`Replanner.local_plan`) in the time left."""
+        return self.planner.local_plan(math.inf if end is None else end - time.monotonic())
 
     # ------------------------------------------------------------------------------ connection
     def _connected(self, end: float | None) -> bool:
@@ -190,6 +202,7 @@ class DeviceRuntime:
             log.warning("edge %s:%s unreachable: %s", *self.edge, self._last_error)
             return False
         self.estimator.add_rtt(self._conn.rtt)
+        self.planner.welcomed(self._conn.edge_s)
         return True
 
     def _drop(self, why: str) -> None:
@@ -210,16 +223,27 @@ class DeviceRuntime:
         early = self.early_exit if early_exit is None else early_exit
         with self._lock:
             self._last_activity = t0
+            if self._first and self.edge is not None:
+                self._first = False
+                self._connected(end)          # the first request: the edge's welcome times count for it
             if self.estimator.bandwidth is None and self._connected(end):
                 self._probe_locked(end)
             bw = self.estimator.bandwidth
             plan = self.choose_plan(deadline)
             if self.plan_history and self.plan_history[-1] != plan.id:
                 log.info("bandwidth %.3g Mbit/s: plan %s -> %s", (bw or 0) / 1e6, self.plan_history[-1], plan.id)
+            if not plan.feasible and not self._warned_infeasible:
+                self._warned_infeasible = True
+                log.warning("no plan meets the deadline of %.3g ms at %s: running the fastest, %s (%.3g ms, "
+                            "%.3g ms too slow); relax the deadline or use a faster device or edge",
+                            self.planner.deadline_of(deadline) * 1e3, _mbit(bw),
+                            plan.id, plan.latency_s * 1e3, plan.shortfall_s * 1e3)
             self.plan_history.append(plan.id)
             if not plan.cut.device_only and not self._connected(end):
                 return self._fallback(inputs, t0, end, early, f"edge unreachable: {self._last_error}", 0.0, bw)
             res = self.part.run(plan.id, inputs, early_exit=early)
+            if res.exit_id == plan.exit:          # the whole device part ran (no early exit)
+                self.planner.observe(plan.id, "device", res.seconds)
             if res.done:
                 why = (f"device-only plan at {_mbit(bw)}" if plan.cut.device_only
                        else f"early exit {res.exit_id}: confident on the device")
@@ -234,10 +258,14 @@ class DeviceRuntime:
         if left is not None and left <= 0:
             return self._fallback(inputs, t0, end, early, "deadline spent on the device before sending", res.seconds, bw)
         wait_until = sent_at + (self.request_timeout if left is None else left)
+        up_bytes = sum(int(np.asarray(v).nbytes) for v in res.outputs.values())
         try:
             reply, up, down = self._conn.request(P.infer(rid, plan.id, res.outputs, left), wait_until)
         except TimeoutError:
-            self._drop(f"edge timed out after {time.monotonic() - sent_at:.3f}s")
+            waited = time.monotonic() - sent_at
+            self._drop(f"edge timed out after {waited:.3f}s")
+            self._last_attempt = -math.inf           # the edge is alive, only late: reconnect at will
+            self.planner.late(plan.id, up_bytes, waited, *self._link())
             return self._fallback(inputs, t0, end, early, self._last_error, res.seconds, bw)
         except (OSError, ProtocolError) as e:
             self._drop(_describe(e, "waiting for the reply"))
@@ -246,6 +274,8 @@ class DeviceRuntime:
         self._last_activity = time.monotonic()
         if reply["type"] == "error":
             code, message = P.error_of(reply)
+            if code == P.TIMEOUT:
+                self.planner.late(plan.id, up + down, round_trip, *self._link())
             if code in (P.BAD_FRAME, P.TOO_LARGE, P.SHUTTING_DOWN):
                 self._drop(f"{code}: {message}")
             return self._fallback(inputs, t0, end, early, f"edge answered {code}: {message}", res.seconds, bw)
@@ -257,6 +287,8 @@ class DeviceRuntime:
             return self._fallback(inputs, t0, end, early, f"edge sent a bad reply: {e}", res.seconds, bw)
         transfer_s = max(round_trip - edge_s, 0.0)
         self.estimator.add_transfer(up + down, transfer_s)
+        self.planner.observe(plan.id, "transfer", transfer_s)
+        self.planner.observe(plan.id, "edge", edge_s)
         return Result(outputs, plan.id, res.exit_id, "edge", f"plan {plan.id} at {_mbit(bw)}", res.seconds,
                       transfer_s, edge_s, time.monotonic() - t0, bw,
                       {"up_bytes": up, "down_bytes": down, "queue_s": float(reply.get("queue_s", 0.0))})
@@ -338,6 +370,17 @@ def _describe(e: BaseException, doing: str) -> str:
     if isinstance(e, P.ConnectionClosed):
         return f"the edge closed the connection while {doing}"
     return f"{type(e).__name__} while {doing}: {e}"
+
+
+def _edge_times(value) -> dict:
+    """{plan id: seconds} from a welcome's optional `edge_s`; {} when absent or malformed."""
+    if not isinstance(value, dict):
+        return {}
+    out = {}
+    for k, v in value.items():
+        if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf:
+            out[k] = float(v)
+    return out
 
 
 def _mbit(bw: float | None) -> str:

@@ -6,7 +6,7 @@ Conversation (every message is a map with a "type"):
 
     server -> device  {type: "challenge", version, nonce: bin(32), auth: bool}
     device -> server  {type: "hello", version, model, manifest_sha256, auth: bin | nil}
-    server -> device  {type: "welcome", version, model, manifest_sha256}   or an error, then close
+    server -> device  {type: "welcome", version, model, manifest_sha256[, edge_s: {plan id: seconds}]}   or an error, then close
     device -> server  {type: "infer", id, plan, deadline_s: float | nil, tensors: [tensor, ...]}
     server -> device  {type: "result", id, outputs: [tensor, ...], edge_s, queue_s}
                       or {type: "error", id, error: {code, message}}
@@ -671,8 +671,13 @@ def hello(model: str, manifest_sha256: str, auth: bytes | None) -> dict:
             "auth": auth}
 
 
-def welcome(model: str, manifest_sha256: str) -> dict:
-    return {"type": "welcome", "version": PROTOCOL_VERSION, "model": model, "manifest_sha256": manifest_sha256}
+def welcome(model: str, manifest_sha256: str, edge_s: dict | None = None) -> dict:
+    """The server's answer to a good hello. `edge_s` (optional; older devices ignore it): the
+    seconds each plan's edge part takes on this server, {plan id: seconds}, from its calibration."""
+    msg = {"type": "welcome", "version": PROTOCOL_VERSION, "model": model, "manifest_sha256": manifest_sha256}
+    if edge_s:
+        msg["edge_s"] = {str(k): float(v) for k, v in edge_s.items()}
+    return msg
 
 
 def infer(req_id: int, plan_id: str, tensors: dict, deadline_s: float | None) -> dict:

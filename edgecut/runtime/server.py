@@ -11,6 +11,10 @@ its connection thread cannot be abandoned, so it answers `timeout` when it finis
 clean close of that connection only; the server keeps serving everyone else. One log line per
 connection, when it closes. `shutdown()` (SIGTERM under `serve_forever`) stops accepting, lets the
 requests already received finish and answer, then closes.
+
+At start the server times its edge parts (`runtime.calibration`: the valid calibration beside the
+artifact, or a new one) and sends {plan id: seconds} (the `quantile` of each part's time, p99 by
+default) in its welcome: devices plan with the edge's measured times, not the compile-time guess.
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from edgecut.errors import ArtifactError, ProtocolError, UsageError
+from edgecut.planning import runnable_plans
 from edgecut.runtime import protocol as P
+from edgecut.runtime.calibration import ensure_calibration
 from edgecut.units import format_bytes
 
 log = logging.getLogger("edgecut.runtime.server")
@@ -50,13 +56,15 @@ class EdgeServer:
     """Serve the edge side of `artifact` (a path, or a part from `edgecut.load(..., side="edge")`).
 
     `token` (bytes): devices must answer the HMAC-SHA256 challenge with it. Binding an address
-    that is not loopback without a token raises UsageError unless `insecure=True`."""
+    that is not loopback without a token raises UsageError unless `insecure=True`. `calibrate`:
+    True (the calibration beside the artifact, made if missing or stale), a path or a
+    `Calibration`, or False (send no edge times)."""
 
     def __init__(self, artifact, host: str = "127.0.0.1", port: int = 9000, *, token: bytes | None = None,
                  insecure: bool = False, backend: str = "tvm", max_frame: int = P.DEFAULT_MAX_FRAME,
                  workers: int = 2, max_queue: int = 64, request_timeout: float = 30.0,
                  handshake_timeout: float = 10.0, idle_timeout: float = 600.0, frame_timeout: float = 60.0,
-                 max_connections: int = 256):
+                 max_connections: int = 256, calibrate=True, quantile: float = 0.99):
         if not token and not insecure and not is_loopback(host):
             raise UsageError(f"refusing to serve on {host!r} without a token: anyone who can reach it could use "
                              f"the server; pass --token-file FILE (devices need the same token), bind 127.0.0.1, "
@@ -67,7 +75,9 @@ class EdgeServer:
             from edgecut.codegen.load import load
             self.part = load(artifact, side="edge", backend=backend)
         self.model, self.manifest_sha256 = P.manifest_identity(self.part)
-        self._plans = {p.id: p for p in self.part.table.plans}
+        self._plans = {p.id: p for p in runnable_plans(self.part.manifest)}
+        self.calibration = ensure_calibration(self.part, "edge", calibrate)
+        self.edge_s = self.calibration.seconds(quantile) if self.calibration else None
         self.host, self.port, self.token = host, port, (bytes(token) if token else None)
         self.max_frame, self.workers, self.max_queue = max_frame, workers, max_queue
         self.request_timeout, self.handshake_timeout = request_timeout, handshake_timeout
@@ -249,7 +259,7 @@ class EdgeServer:
             return self._fail(ch, P.MANIFEST, f"device's artifact has manifest sha256 {str(sha)[:12]}..., this "
                                               f"server's {self.manifest_sha256[:12]}...: deploy the same build "
                                               f"to device and edge")
-        ch.send(P.welcome(self.model, self.manifest_sha256), deadline)
+        ch.send(P.welcome(self.model, self.manifest_sha256, self.edge_s), deadline)
         return None
 
     # ------------------------------------------------------------------------------ requests
@@ -279,7 +289,7 @@ class EdgeServer:
         plan = self._plans.get(plan_id)
         if plan is None:
             known = ", ".join(self._plans)
-            return P.error(P.UNKNOWN_PLAN, f"plan {plan_id!r} is not in this artifact's plan table ({known})", rid)
+            return P.error(P.UNKNOWN_PLAN, f"plan {plan_id!r} is not one of this artifact's plans ({known})", rid)
         if plan.cut.device_only:
             return P.error(P.UNKNOWN_PLAN, f"plan {plan_id!r} runs on the device only; nothing to do here", rid)
         try:

@@ -1,6 +1,7 @@
 """Fixtures for the runtime tests: real servers on 127.0.0.1 (port 0), real sockets."""
 from __future__ import annotations
 
+import importlib.util
 import socket
 import sys
 import threading
@@ -15,6 +16,47 @@ from numpy_part import NumpyPart  # noqa: E402
 
 from edgecut.runtime import protocol as P  # noqa: E402
 from edgecut.runtime.server import EdgeServer  # noqa: E402
+
+
+def build_exit_artifact(out):
+    """tiny_chain with an exit after pool1, built through TVM: e0/device (exit 0, accuracy 0.6,
+    all on the device), e1/mid (cut after conv2) and e1/input (everything on the edge), both
+    exit 1 (accuracy 0.9). Returns (path, input array)."""
+    from dataclasses import replace
+
+    import torch
+
+    import edgecut
+    from edgecut import zoo
+    from edgecut.codegen.artifact import build_artifact
+    from edgecut.frontend import meta
+    from edgecut.passes.insert_exits import insert_exits
+    from edgecut.types import Plan, PlanTable
+
+    spec = importlib.util.spec_from_file_location("codegen_helpers", Path(__file__).parents[1] / "codegen" / "conftest.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    make_cut = helpers.make_cut
+
+    torch.manual_seed(0)
+    model, x = zoo.get("tiny_chain").eval(), torch.randn(1, 3, 16, 16)
+    gm = insert_exits(edgecut.trace(model, x), ["pool1"])
+    exits = gm.meta[meta.EXITS]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    cuts = [(0, make_cut(gm, [exits[0]["output"]], "device", 0)), (1, make_cut(gm, ["conv2"], "mid", 1)),
+            (1, make_cut(gm, [], "input", 1))]
+    acc = {0: 0.6, 1: 0.9}
+    plans = tuple(Plan(e, replace(c, crossing_bytes=sum(int(nodes[n].meta[meta.OUT_BYTES]) for n in c.crossing)),
+                       0.001, 0.0, 0.001 if c.crossing else 0.0, acc[e]) for e, c in cuts)
+    build_artifact(gm, PlanTable((0.0, 1e6, 1e8), plans, 0.05), "local", "local", out, (x,), onnx=False,
+                   progress=False)
+    return Path(out), x.numpy()
+
+
+@pytest.fixture(scope="session")
+def exit_artifact(tmp_path_factory):
+    """A built artifact (see build_exit_artifact), shared: copy it before writing beside it."""
+    return build_exit_artifact(tmp_path_factory.mktemp("exit_artifact") / "art")
 
 
 @pytest.fixture
