@@ -93,6 +93,21 @@ def test_devices_batched_together_and_metrics(two_models):
     assert 'edgecut_latency_seconds_bucket{le="0.05",model="numpy-mlp",plan="e1/after:l2"}' in count
 
 
+def test_hostile_frames_against_the_tier(two_models):
+    from test_fuzz import fuzz
+
+    srv, _ = two_models
+    dev, rt = _device(srv)
+    try:
+        assert fuzz(srv, 60, token=TOKEN) >= 60
+        for i in range(5):              # the tier still answers, right
+            x = x_for(dev, i)
+            r = rt.infer(x)
+            assert r.where == "edge" and np.allclose(r.logits, dev.reference(x), atol=1e-5), r.reason
+    finally:
+        rt.close()
+
+
 def _kill_busy(ray, ex):
     """Kill the replica computing the one request in flight."""
     time.sleep(0.25)                     # the request is computing on a replica now
@@ -146,3 +161,53 @@ def test_killed_replicas_are_restarted_and_serve_again(ray_cluster, slow_tier):
     ch.send(P.infer(9, "e1/input", {"x": x}, 10.0))
     r = ch.recv(time.monotonic() + 15)
     assert r["type"] == "result", r
+
+
+def test_replica_bounds_parse():
+    from edgecut.cli.serve import parse_bounds
+    from edgecut.errors import UsageError
+
+    assert parse_bounds("1:4", "--replicas") == (1, 4) and parse_bounds("3", "--replicas") == (3, 3)
+    for bad in ("0:2", "3:1", "a:b", ""):
+        with pytest.raises(UsageError, match="MIN:MAX"):
+            parse_bounds(bad, "--replicas")
+
+
+@pytest.mark.slow
+def test_cli_serve_ray_real_artifact(exit_artifact, tmp_path):
+    """`edgecut serve ART --ray` (its own local cluster) answers a device from a TVM replica."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    path, x = exit_artifact
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        mport = s.getsockname()[1]
+    serve = subprocess.Popen([sys.executable, "-m", "edgecut", "serve", str(path), "--ray", "--port", "0",
+                              "--no-calibrate", "--replicas", "1:1", "--replica-cpus", "0.5", "--metrics-port",
+                              str(mport)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        line = serve.stdout.readline()
+        assert line.startswith("edgecut serve:"), serve.stderr.read()[-3000:]
+        host, port = line.split()[-1].rsplit(":", 1)
+        from edgecut.codegen.load import load
+
+        device = load(path, side="device")
+        with DeviceRuntime(device, edge=(host, int(port)), probe_interval=None, initial_bandwidth=1e9,
+                           calibrate=False) as rt:
+            r = rt.infer(x)
+            assert r.where == "edge", r.reason
+        with EdgeServer(path, "127.0.0.1", 0, calibrate=False) as local, \
+                DeviceRuntime(device, edge=local.address, probe_interval=None, initial_bandwidth=1e9,
+                              calibrate=False) as rt2:
+            r2 = rt2.infer(x)
+        assert r2.plan_id == r.plan_id and np.abs(r.logits - r2.logits).max() <= 1e-5
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+        assert "edgecut_requests_total{" in text
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0, serve.stderr.read()[-3000:]
