@@ -106,10 +106,11 @@ def route_costs(manifest, device_s: dict | None = None, edge_s: dict | None = No
         up, down = int(p.cut.crossing_bytes), 0
         if route is not None and all(c in tensors for c in route.crossing):
             up = sum(_nbytes(tensors[c]) for c in route.crossing)
+        local = route.device_only if route is not None else p.cut.device_only
         ex = exits.get(p.exit)
-        if not p.cut.device_only and ex is not None and ex.output in tensors:
+        if not local and ex is not None and ex.output in tensors:
             down = _nbytes(tensors[ex.output])
-        out.append(RouteCost(p.id, int(p.exit), float(p.accuracy), bool(p.cut.device_only),
+        out.append(RouteCost(p.id, int(p.exit), float(p.accuracy), bool(local),
                              float(device_s.get(p.id, p.device_s)), float(edge_s.get(p.id, p.edge_s)),
                              up, down, p.cut))
     return out

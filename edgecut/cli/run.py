@@ -83,11 +83,13 @@ def run(args) -> int:
                 print(json.dumps({"plan": r.plan_id, "exit": r.exit_id, "where": r.where, "reason": r.reason,
                                   "top": top, "logits": r.logits.tolist(), "device_s": r.device_s,
                                   "transfer_s": r.transfer_s, "edge_s": r.edge_s, "total_s": r.total_s,
+                                  "predicted_s": r.predicted_s if r.predicted_s == r.predicted_s else None,
                                   "bandwidth": r.bandwidth}))
             else:
                 print(f"class {top}  plan {r.plan_id}  exit {r.exit_id}  on {r.where}  "
                       f"device {r.device_s * 1e3:.2f}ms  transfer {r.transfer_s * 1e3:.2f}ms  "
-                      f"edge {r.edge_s * 1e3:.2f}ms  total {r.total_s * 1e3:.2f}ms  ({r.reason})")
+                      f"edge {r.edge_s * 1e3:.2f}ms  total {r.total_s * 1e3:.2f}ms  "
+                      f"(planned {r.predicted_s * 1e3:.2f}ms; {r.reason})")
         if args.output:
             np.save(args.output, r.logits)
     return 0

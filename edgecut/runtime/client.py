@@ -8,7 +8,7 @@ answer, so a local exit did) and why, and the time split (device, transfer, edge
 Plans from measurements: at its first start the runtime times its device parts (`calibration`;
 kept beside the artifact, redone when stale), takes the edge's measured times from the server's
 welcome, and plans every request with `planning.choose` over the artifact's runnable plans: their
-device and edge seconds (`estimates.LatencyEstimates`, corrected online from every request's
+device and edge seconds (`replan.LatencyEstimates`, corrected online from every request's
 measured times, planned to the `quantile`, p99 by default) and the link's bandwidth and RTT
 (`bandwidth.BandwidthEstimator`, fed by every transfer, and by a small probe when the link has
 been idle for `probe_interval` seconds). `table` is the plan table re-solved from the current
@@ -45,7 +45,8 @@ log = logging.getLogger("edgecut.runtime.client")
 
 @dataclass(frozen=True)
 class Result:
-    """One answer. `where`: "device" | "edge" | "fallback"; `reason` says why it ended there."""
+    """One answer. `where`: "device" | "edge" | "fallback"; `reason` says why it ended there.
+    `predicted_s`: the latency the runtime planned the chosen plan with (its current estimates)."""
 
     outputs: dict
     plan_id: str
@@ -58,6 +59,7 @@ class Result:
     total_s: float
     bandwidth: float | None = None
     timing: dict = field(default_factory=dict)
+    predicted_s: float = math.nan
 
     @property
     def logits(self) -> np.ndarray:
@@ -150,7 +152,7 @@ class DeviceRuntime:
         self.probe_interval, self.max_frame = probe_interval, max_frame
         self.estimator = BandwidthEstimator(initial_bandwidth=initial_bandwidth)
         self.plan_history: list[str] = []          # plan id of each request, in order
-        self._warned_infeasible, self._first = False, True
+        self._warned_infeasible, self._first, self._planned_s = False, True, math.nan
         self._conn: EdgeConnection | None = None
         self._last_attempt, self._last_error = -math.inf, "not connected yet"
         self._last_activity = time.monotonic()
@@ -239,6 +241,7 @@ class DeviceRuntime:
                             self.planner.deadline_of(deadline) * 1e3, _mbit(bw),
                             plan.id, plan.latency_s * 1e3, plan.shortfall_s * 1e3)
             self.plan_history.append(plan.id)
+            self._planned_s = plan.latency_s
             if not plan.cut.device_only and not self._connected(end):
                 return self._fallback(inputs, t0, end, early, f"edge unreachable: {self._last_error}", 0.0, bw)
             res = self.part.run(plan.id, inputs, early_exit=early)
@@ -248,7 +251,7 @@ class DeviceRuntime:
                 why = (f"device-only plan at {_mbit(bw)}" if plan.cut.device_only
                        else f"early exit {res.exit_id}: confident on the device")
                 return Result(res.outputs, plan.id, res.exit_id, "device", why, res.seconds, 0.0, 0.0,
-                              time.monotonic() - t0, bw)
+                              time.monotonic() - t0, bw, predicted_s=plan.latency_s)
             return self._ask_edge(plan, res, inputs, t0, end, early, bw)
 
     def _ask_edge(self, plan, res, inputs, t0, end, early, bw) -> Result:
@@ -291,14 +294,15 @@ class DeviceRuntime:
         self.planner.observe(plan.id, "edge", edge_s)
         return Result(outputs, plan.id, res.exit_id, "edge", f"plan {plan.id} at {_mbit(bw)}", res.seconds,
                       transfer_s, edge_s, time.monotonic() - t0, bw,
-                      {"up_bytes": up, "down_bytes": down, "queue_s": float(reply.get("queue_s", 0.0))})
+                      {"up_bytes": up, "down_bytes": down, "queue_s": float(reply.get("queue_s", 0.0))},
+                      plan.latency_s)
 
     def _fallback(self, inputs, t0, end, early, reason, spent_s, bw) -> Result:
         plan_id = self._local_plan(end)
         res = self.part.run(plan_id, inputs, early_exit=early)
         log.info("answered locally with %s: %s", plan_id, reason)
         return Result(res.outputs, plan_id, res.exit_id, "fallback", reason, spent_s + res.seconds,
-                      0.0, 0.0, time.monotonic() - t0, bw)
+                      0.0, 0.0, time.monotonic() - t0, bw, predicted_s=self._planned_s)
 
     # ------------------------------------------------------------------------------ probing
     def probe(self) -> float | None:

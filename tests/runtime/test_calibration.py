@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from test_e2e import NO_TORCH_CLI
 
+from edgecut.codegen.manifest import load_arrays
 from edgecut.errors import ArtifactError
 from edgecut.runtime.calibration import (Calibration, calibrate, default_path, ensure_calibration, fingerprint,
                                          quantile)
@@ -112,20 +114,27 @@ def test_a_wrapped_part_is_another_runner(art):
         ensure_calibration(_load(art), "device", cal)
 
 
+def _edgecut(*args) -> subprocess.CompletedProcess:
+    """`edgecut ARGS` with torch unimportable (NO_TORCH_CLI asserts it stayed out)."""
+    return subprocess.run([sys.executable, "-c", NO_TORCH_CLI, *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
 def test_calibrate_cli_without_torch(art, tmp_path):
-    code = NO_TORCH_CLI           # `edgecut ...` with torch unimportable; asserts it stayed out
-    out = tmp_path / "dev.json"
-    r = subprocess.run([sys.executable, "-c", code, "calibrate", str(art), "--side", "device", "--repeats", "1",
-                        "--out", str(out)], capture_output=True, text=True, timeout=120)
+    out = tmp_path / "edge.json"
+    r = _edgecut("calibrate", art, "--side", "edge", "--repeats", "1", "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "e1/mid" in r.stdout and f"saved {out}" in r.stdout
-    assert Calibration.load(out).side == "device"
-    r = subprocess.run([sys.executable, "-c", code, "calibrate", str(art), "--side", "edge", "--repeats", "1"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and (art / "calibration-edge.json").is_file(), r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-c", code, "calibrate", str(art / "nope"), "--side", "edge"],
-                       capture_output=True, text=True, timeout=120)
+    assert "e1/mid" in r.stdout and f"saved {out}" in r.stdout and "e0/device" not in r.stdout
+    assert Calibration.load(out).side == "edge"
+    r = _edgecut("calibrate", art / "nope", "--side", "edge")
     assert r.returncode == 2 and "not an edgecut artifact" in r.stderr
+
+
+def test_run_calibrates_at_its_first_start_without_torch(art, tmp_path):
+    np.save(tmp_path / "x.npy", load_arrays(art / "reference.msgpack")["inputs"]["x"])
+    r = _edgecut("run", art, "--input", tmp_path / "x.npy", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["where"] == "device", r.stderr[-3000:]
+    assert Calibration.load(art / "calibration-device.json").side == "device"
 
 
 def _load(path):
