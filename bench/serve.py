@@ -23,6 +23,7 @@ Last line: `serve: batched/unbatched X, vs limit Y, lost Z, fuzz N frames C cras
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import queue
 import statistics
@@ -50,6 +51,12 @@ PLAN, DEADLINE, CORES = "e1/input", 0.1, 2
 
 def edge_part(**kw):
     return NumpyPart("edge", DIMS, TABLE, **kw)
+
+
+@functools.cache
+def identity() -> tuple[str, str]:
+    """(model, manifest sha256): once per process (a part is 6M random weights to draw)."""
+    return P.manifest_identity(edge_part())
 
 
 def compute_limit() -> float:
@@ -84,7 +91,7 @@ class Device(threading.Thread):
 
         ch = P.Channel(socket.create_connection(self.addr, timeout=5))
         ch.recv(time.monotonic() + 5)
-        ch.send(P.hello(*P.manifest_identity(edge_part()), None))
+        ch.send(P.hello(*identity(), None))
         assert ch.recv(time.monotonic() + 5)["type"] == "welcome"
         return ch
 
@@ -112,9 +119,10 @@ class Device(threading.Thread):
                 self.lat.append(dt)
                 self.edge_s.append(r["edge_s"])
                 self.met += dt <= DEADLINE
-            else:
+            else:               # a real device answers from its local exit now: wait out the deadline
                 code = P.error_of(r)[0]
                 self.errors[code] = self.errors.get(code, 0) + 1
+                time.sleep(max(0.0, DEADLINE - dt))
             i += 1
         ch.close()
 
@@ -130,22 +138,56 @@ def killer(ray, ex, every: float, stop: threading.Event, killed: list):
                 pass
 
 
-def load(ray, batching: bool, devices: int, seconds: float, kill_every: float) -> dict:
-    server = tier_server(batching)
-    ex = server.models[server.model].executor
-    stop, killed = threading.Event(), []
-    ref = edge_part()
-    ds = [Device(server.address, s, stop, ref) for s in range(devices)]
+class _Stats:
+    """What a device process sends back: the fields of its devices, summed or concatenated."""
+
+    def __init__(self, ds):
+        self.lat = [x for d in ds for x in d.lat]
+        self.edge_s = [x for d in ds for x in d.edge_s]
+        for f in ("met", "sent", "lost", "crossed", "wrong"):
+            setattr(self, f, sum(getattr(d, f) for d in ds))
+        self.errors = {}
+        for d in ds:
+            for c, n in d.errors.items():
+                self.errors[c] = self.errors.get(c, 0) + n
+
+
+def device_process(addr, seeds, seconds: float, out) -> None:
+    """Devices as threads of their own process: 64 device threads beside the front in one
+    process would measure the GIL, not the tier."""
+    stop, ref = threading.Event(), edge_part()
+    identity()                          # before the threads: each would draw the weights again
+    ds = [Device(addr, s, stop, ref) for s in seeds]
     for d in ds:
         d.start()
-    k = threading.Thread(target=killer, args=(ray, ex, kill_every, stop, killed), daemon=True)
-    t0 = time.monotonic()
-    k.start()
     time.sleep(seconds)
     stop.set()
     for d in ds:
         d.join(15)
+    out.put(_Stats(ds))
+
+
+def load(ray, batching: bool, devices: int, seconds: float, kill_every: float, procs: int = 4) -> dict:
+    import multiprocessing as mp
+
+    server = tier_server(batching)
+    ex = server.models[server.model].executor
+    stop, killed = threading.Event(), []
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    ps = [ctx.Process(target=device_process, args=(server.address, range(i, devices, procs), seconds, out))
+          for i in range(procs)]
+    for p in ps:
+        p.start()
+    time.sleep(3.0)                     # the device processes import and connect
+    k = threading.Thread(target=killer, args=(ray, ex, kill_every, stop, killed), daemon=True)
+    t0 = time.monotonic()
+    k.start()
+    ds = [out.get(timeout=seconds + 120) for _ in ps]
+    stop.set()
     wall = time.monotonic() - t0
+    for p in ps:
+        p.join(15)
     server.shutdown(5.0)
     lat = sorted(x for d in ds for x in d.lat)
     sent = sum(d.sent for d in ds)
@@ -156,7 +198,7 @@ def load(ray, batching: bool, devices: int, seconds: float, kill_every: float) -
     out = dict(rps=len(lat) / wall, p50=lat[len(lat) // 2] if lat else float("nan"),
                p99=lat[int(len(lat) * 0.99)] if lat else float("nan"), sent=sent,
                met=sum(d.met for d in ds) / max(1, sent), lost=sum(d.lost for d in ds),
-               edge_s=statistics.median(x for d in ds for x in d.edge_s), crossed=sum(d.crossed for d in ds), wrong=sum(d.wrong for d in ds), errors=errors, killed=len(killed))
+               edge_s=statistics.median([x for d in ds for x in d.edge_s] or [float("nan")]), crossed=sum(d.crossed for d in ds), wrong=sum(d.wrong for d in ds), errors=errors, killed=len(killed))
     print(f"  batching {'on ' if batching else 'off'}: {out['rps']:.0f} req/s, p50 {out['p50'] * 1e3:.1f} ms, "
           f"p99 {out['p99'] * 1e3:.1f} ms, deadline met {out['met']:.1%} of {sent}, lost {out['lost']}, "
           f"crossed {out['crossed']}, wrong {out['wrong']}, errors {errors}, replicas killed {len(killed)}",
@@ -238,6 +280,10 @@ def main() -> None:
     ap.add_argument("--kill-every", type=float, default=10.0)
     ap.add_argument("--fuzz-frames", type=int, default=100_000)
     args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("edgecut").setLevel(logging.INFO if os.environ.get("BENCH_LOG") else logging.WARNING)
     import ray
 
     from edgecut.runtime.tier import start_ray

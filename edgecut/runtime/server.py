@@ -124,10 +124,11 @@ class EdgeServer:
             raise UsageError(f"two artifacts of model {model!r}: serve one build per model name (a device's "
                              f"hello names the model, so the server could not tell them apart)")
         cal = ensure_calibration(part, "edge", calibrate)
-        edge_s = cal.seconds(quantile) if cal else None
+        executor = make_executor(part, None if hasattr(artifact, "run") else artifact)
+        hop = getattr(executor, "overhead_s", 0.0)      # the tier's front -> replica round trip
+        edge_s = {k: v + hop for k, v in cal.seconds(quantile).items()} if cal else None
         plans = {p.id: p for p in runnable_plans(part.manifest)}
-        self.models[model] = ServedModel(part, model, sha, plans, cal, edge_s,
-                                         make_executor(part, None if hasattr(artifact, "run") else artifact))
+        self.models[model] = ServedModel(part, model, sha, plans, cal, edge_s, executor)
 
     def _close_executors(self) -> None:
         for m in self.models.values():

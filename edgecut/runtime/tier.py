@@ -10,7 +10,9 @@ request metadata a Serve handle would send), not through a `DeploymentHandle`: m
 handle call costs ~4-7 ms at the median, an actor call ~1-2 ms. The replicas are found by name
 (`SERVE_REPLICA::<app>#edge#...`) every `refresh_s` and after any failure; each request goes to
 the replica with the fewest requests in flight from this front. This uses Serve internals pinned
-by `ray[serve]==2.60.0`; `route="handle"` uses the public DeploymentHandle instead.
+by `ray[serve]==2.60.0`; `route="handle"` uses the public DeploymentHandle instead. The median
+of an empty call at start (`overhead_s`) is added to the edge times the welcome sends, so a
+device plans with what the tier costs it; online correction sees the rest (queue_s).
 
 Batching: a request that finds others in flight for its model, and whose remaining time leaves
 room for the batch wait plus a full batch, goes to the replica's `run_batched` (`@serve.batch`, up to `max_batch` requests from any devices,
@@ -124,7 +126,7 @@ class RayExecutor:
     def __init__(self, part, artifact=None, *, min_replicas: int = 1, max_replicas: int = 2, max_batch: int = 8,
                  batch_wait_s: float = 0.002, batching: bool = True, max_queue: int = 256, backend: str = "tvm",
                  replica_cpus: float = 1.0, route: str = "direct", refresh_s: float = 1.0,
-                 target_ongoing: float = 2.0):
+                 target_ongoing: float | None = None):
         _need_ray()
         from edgecut.runtime import protocol as P
         if not 1 <= min_replicas <= max_replicas:
@@ -133,6 +135,7 @@ class RayExecutor:
         self.app = f"edgecut-{model}-{sha[:12]}"
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.batching = batching and max_batch > 1
+        self.per_replica = max_batch if self.batching else 2
         self.max_queue, self.route, self.refresh_s = max_queue, route, refresh_s
         self.max_replicas = max_replicas
         self._est_s = 0.005         # running estimate of one edge run, for the batch decision
@@ -140,21 +143,43 @@ class RayExecutor:
             max_ongoing_requests=max(2 * max_batch, 8),
             ray_actor_options={"num_cpus": replica_cpus},
             autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
-                                "initial_replicas": min_replicas, "target_ongoing_requests": target_ongoing,
+                                "initial_replicas": min_replicas,
+                                "target_ongoing_requests": target_ongoing or max(1.0, self.per_replica / 2),
                                 "upscale_delay_s": 2.0, "downscale_delay_s": 30.0, "metrics_interval_s": 0.5,
                                 "look_back_period_s": 2.0},
         ).bind(artifact if artifact is not None else part, backend, max_batch, batch_wait_s)
         self.handle = serve.run(app, name=self.app, route_prefix=None)
         self._lock = threading.Lock()
+        self._free = threading.Condition(self._lock)     # a replica's slot freed
+        self._refreshing = threading.Lock()
         self._pending = 0
         self._inflight: dict[str, int] = {}
         self._actors: dict[str, object] = {}
         self._probes: dict[str, tuple] = {}
+        self._probe_after: dict[str, float] = {}
         self._refreshed = 0.0
         end = time.monotonic() + 60
         while len(self._actors) < min_replicas and time.monotonic() < end:
             self._refresh(force=True)
             time.sleep(0.02)
+        self.overhead_s = self._hop()
+
+    def _hop(self, n: int = 21) -> float:
+        """Median seconds of an empty call to a replica: what the tier adds to each edge time."""
+        ts = []
+        for _ in range(n):
+            name, actor = self._pick(None, time.monotonic() + 10)
+            if actor is None:
+                return 0.0
+            t = time.perf_counter()
+            try:
+                ray.get(actor.handle_request.remote(_metadata(self.app, "pid")), timeout=10)
+            except Exception:
+                return 0.0
+            finally:
+                self._release(name)
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[n // 2]
 
     # ------------------------------------------------------------------------------ replicas
     @property
@@ -171,12 +196,22 @@ class RayExecutor:
         replica's actor before the replica is initialised, and it refuses requests until then."""
         if not force and time.monotonic() - self._refreshed < self.refresh_s:
             return
-        self._refreshed = time.monotonic()
+        if not self._refreshing.acquire(blocking=False):
+            return                      # another thread is at it
+        try:
+            self._relist()
+        finally:
+            self._refreshing.release()
+
+    def _relist(self) -> None:
+        self._refreshed = now = time.monotonic()
         names = set(self.replica_names())
         with self._lock:
             actors = {n: a for n, a in self._actors.items() if n in names}
             probes = {n: p for n, p in self._probes.items() if n in names}
         for n in names - set(actors) - set(probes):
+            if self._probe_after.get(n, 0.0) > now:
+                continue
             try:
                 actor = ray.get_actor(n, namespace="serve")
             except ValueError:          # gone between the listing and the lookup
@@ -190,21 +225,39 @@ class RayExecutor:
                     try:
                         ray.get(ref)
                         actors[n] = actor
-                    except Exception:   # not initialised yet (or dying): probe again next time
-                        pass
+                    except Exception:   # not initialised yet (or dying): probe again shortly
+                        self._probe_after[n] = now + 0.2
         with self._lock:
             self._actors, self._probes = actors, probes
             self._inflight = {n: self._inflight.get(n, 0) for n in actors}
+            self._free.notify_all()
 
-    def _pick(self, avoid: str | None):
-        self._refresh()
-        with self._lock:
-            names = [n for n in self._actors if n != avoid] or list(self._actors)
-            if not names:
-                return None, None
-            name = min(names, key=lambda n: self._inflight.get(n, 0))
-            self._inflight[name] = self._inflight.get(name, 0) + 1
-            return name, self._actors[name]
+    def _pick(self, avoid: str | None, expiry: float):
+        """The replica with the fewest of this front's requests in flight, below `per_replica`
+        (max_batch when batching, else 2: one computing, one on its way). When all are full the
+        request waits here, in the front, where it can expire without costing a replica any
+        compute: a replica never works on a request that is already late."""
+        while True:
+            self._refresh()
+            with self._free:
+                names = [n for n in self._actors if n != avoid] or list(self._actors)
+                if not names:
+                    return None, None
+                free = [n for n in names if self._inflight.get(n, 0) < self.per_replica]
+                if free:
+                    name = min(free, key=lambda n: self._inflight.get(n, 0))
+                    self._inflight[name] = self._inflight.get(name, 0) + 1
+                    return name, self._actors[name]
+                wait = expiry - time.monotonic() - self._est_s
+                if wait <= 0:
+                    raise Expired()
+                self._free.wait(min(wait, self.refresh_s))
+
+    def _release(self, name: str) -> None:
+        with self._free:
+            if name in self._inflight:
+                self._inflight[name] -= 1
+                self._free.notify()
 
     # ------------------------------------------------------------------------------ requests
     def infer(self, plan_id: str, tensors: dict, received: float, expiry: float, abandon=None):
@@ -238,7 +291,7 @@ class RayExecutor:
                 self._refresh(force=True)
                 left = expiry - time.monotonic()
                 if tries > 1 or left < 2 * self._est_s:
-                    log.warning("%s: replica failed (%s); %s", self.app, type(e).__name__,
+                    log.info("%s: replica failed (%s); %s", self.app, type(e).__name__,
                                 "no time left for a retry" if tries == 1 else "retry failed too")
                     raise Expired() from None     # answered now: the device runs its local exit
                 avoid = getattr(e, "_edgecut_replica", None)
@@ -261,7 +314,7 @@ class RayExecutor:
             except TimeoutError:
                 resp.cancel()
                 raise Expired() from None
-        name, actor = self._pick(avoid)
+        name, actor = self._pick(avoid, time.monotonic() + left)
         if actor is None:
             raise _NoReplica()
         try:
@@ -275,9 +328,7 @@ class RayExecutor:
             e._edgecut_replica = name
             raise
         finally:
-            with self._lock:
-                if name in self._inflight:
-                    self._inflight[name] -= 1
+            self._release(name)
 
     def close(self) -> None:
         try:

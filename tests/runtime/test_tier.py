@@ -46,6 +46,7 @@ def _device(srv, **kw):
 
 def test_two_models_right_answers_and_unknown_model(two_models):
     srv, _ = two_models
+    assert 0 < srv.models["numpy-mlp"].executor.overhead_s < 1.0    # measured hop, added to welcome times
     for kw in ({}, dict(dims=(64, 32, 16, 4), seed=1, model="numpy-small")):
         dev, rt = _device(srv, **kw)
         try:
