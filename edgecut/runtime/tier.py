@@ -157,6 +157,7 @@ class RayExecutor:
         self._actors: dict[str, object] = {}
         self._probes: dict[str, tuple] = {}
         self._probe_after: dict[str, float] = {}
+        self._orphans: list = []
         self._refreshed = 0.0
         end = time.monotonic() + 60
         while len(self._actors) < min_replicas and time.monotonic() < end:
@@ -209,6 +210,15 @@ class RayExecutor:
         with self._lock:
             actors = {n: a for n, a in self._actors.items() if n in names}
             probes = {n: p for n, p in self._probes.items() if n in names}
+        self._orphans += [p[1] for n, p in self._probes.items() if n not in names]
+        if self._orphans:               # probes of replicas gone since: read their errors, drop them
+            done, self._orphans = ray.wait(self._orphans, num_returns=len(self._orphans), timeout=0)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except Exception:
+                    pass
+        self._probe_after = {n: t for n, t in self._probe_after.items() if n in names}
         for n in names - set(actors) - set(probes):
             if self._probe_after.get(n, 0.0) > now:
                 continue
