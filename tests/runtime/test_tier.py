@@ -212,3 +212,33 @@ def test_cli_serve_ray_real_artifact(exit_artifact, tmp_path):
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(60) == 0, serve.stderr.read()[-3000:]
+
+
+@pytest.mark.slow
+def test_autoscales_up_under_load(ray_cluster):
+    """Serve scales 1 -> 2 replicas on the ongoing requests the replicas report (the front calls
+    them directly, not through a handle). 7.5 s here, loaded machine."""
+    from edgecut.runtime.tier import RayExecutor
+
+    ex = RayExecutor(NumpyPart("edge", edge_delay=0.05, model="numpy-auto"), None, min_replicas=1, max_replicas=2,
+                     batching=False, replica_cpus=0.25)
+    stop, x = threading.Event(), np.ones((1, 256), np.float32)
+
+    def load():
+        while not stop.is_set():
+            ex.infer("e1/input", {"x": x}, time.monotonic(), time.monotonic() + 5)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(6)]
+    try:
+        assert len(ex.replica_names()) == 1
+        for t in threads:
+            t.start()
+        end = time.monotonic() + 60
+        while len(ex._actors) < 2 and time.monotonic() < end:
+            time.sleep(0.5)
+        assert len(ex._actors) == 2
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        ex.close()
