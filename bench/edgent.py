@@ -11,7 +11,10 @@ edge server and link emulator, each request through the real runtime):
 Each strategy is told the link's true bandwidth. A request counts as "within deadline and correct"
 when it returns within the deadline with the right label; a late answer counts as a miss.
 
-    python bench/edgent.py [--requests 40] [--slowdown 20] [--epochs 15]
+The device is emulated (`runtime.emulate.EmulatedDevice` with a fixed `DeviceModel`, by default
+`PI_CLASS`) and planned with that model's profile, so its speed does not depend on this machine.
+
+    python bench/edgent.py [--requests 40] [--device-macs 0.7e9] [--device-call-ms 0.5] [--epochs 15]
 Last line: `edgecut accuracy-within-deadline X vs best baseline Y (name)`.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -27,12 +31,14 @@ import edgecut
 from edgecut import zoo
 from edgecut.codegen.artifact import build_artifact
 from edgecut.codegen.load import load
+from edgecut.codegen.manifest import Manifest
 from edgecut.costmodel.profile import load_profile
 from edgecut.data import digits
+from edgecut.passes.candidates import predict_routes
 from edgecut.passes.find_cuts import cut_problem, exit_specs
 from edgecut.passes.solve import exit_order, make_plan, solve
 from edgecut.runtime.client import DeviceRuntime
-from edgecut.runtime.emulate import SlowDevice
+from edgecut.runtime.emulate import PI_CLASS, EmulatedDevice
 from edgecut.runtime.linkemu import LinkEmulator
 from edgecut.runtime.server import EdgeServer
 from edgecut.types import Link, PlanTable
@@ -71,7 +77,8 @@ class FixedPlan:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=40)
-    ap.add_argument("--slowdown", type=float, default=100.0)
+    ap.add_argument("--device-macs", type=float, default=PI_CLASS.macs_per_s, help="emulated device MAC/s")
+    ap.add_argument("--device-call-ms", type=float, default=PI_CLASS.call_s * 1e3, help="emulated device ms a call")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--rtt", type=float, default=0.02)
     ap.add_argument("--bandwidths", default="0.5,2,8,32", help="Mbit/s, comma-separated")
@@ -85,7 +92,8 @@ def main() -> None:
     train, val, test = digits((3, 32, 32))
     x0 = test[0][0].unsqueeze(0)
     edge_prof = load_profile("local")
-    dev_prof = edge_prof.scaled(a.slowdown)
+    device = replace(PI_CLASS, macs_per_s=a.device_macs, call_s=a.device_call_ms / 1e3)
+    dev_prof = device.profile()
     t0 = time.monotonic()
     art = edgecut.compile(zoo.get("alexnet_cifar"), x0, target="local", edge="local", deadline=deadlines[0],
                           data=(train, val, test), profile=dev_prof, edge_profile=edge_prof, rtt=a.rtt,
@@ -99,7 +107,7 @@ def main() -> None:
               for s in STRATEGIES for bw in bws for d in deadlines}
     # One artifact per set of plans a strategy uses (as compile would build it), so that no
     # strategy pays for segments cut for another's plans.
-    paths, groups = {}, {}
+    paths, groups, predicted = {}, {}, {}
     for (s, bw, d), p in choice.items():
         groups.setdefault((s, d), {})[p.id] = p
     for key, plans in groups.items():
@@ -107,8 +115,10 @@ def main() -> None:
         if ids not in paths:
             path = f"{a.out}/plans-{len(paths)}"
             carrier = PlanTable(tuple(float(i) for i in range(len(ids))), tuple(plans[i] for i in ids), key[1])
-            build_artifact(gm, carrier, "local", "local", path, (x0,), model_name="alexnet_cifar", onnx=False,
-                           progress=False)
+            m = build_artifact(gm, carrier, "local", "local", path, (x0,), model_name="alexnet_cifar", onnx=False,
+                               progress=False)
+            for ee in (False, True):     # as built: the nodes' seconds and one segment call per library call
+                predicted[path, ee] = {p.id: p for p in predict_routes(gm, m, dev_prof, edge_prof, early_exit=ee)}
             paths[ids] = path
         groups[key] = paths[ids]
     print(f"{len(paths)} artifacts for {len(groups)} (strategy, deadline) pairs")
@@ -116,10 +126,11 @@ def main() -> None:
     xs = np.stack([test[i][0].numpy() for i in range(len(test))])[:, None]
     ys = np.array([int(test[i][1]) for i in range(len(test))])
     order = np.random.default_rng(0).permutation(len(xs))[: a.requests]
-    servers = {path: EdgeServer(path, "127.0.0.1", 0, workers=1).start() for path in paths.values()}
+    offload = [path for path in paths.values() if any(r.edge for r in Manifest.read(path).routes.values())]
+    servers = {path: EdgeServer(path, "127.0.0.1", 0, workers=1).start() for path in offload}   # device-only: no edge
     links = {path: LinkEmulator(("127.0.0.1", 0), srv.address, rate=bws[0], delay=a.rtt / 2).start()
              for path, srv in servers.items()}
-    devices = {path: SlowDevice(load(path, "device"), a.slowdown) for path in paths.values()}
+    devices = {path: EmulatedDevice(load(path, "device"), device) for path in paths.values()}
     score = {s: [] for s in STRATEGIES}
     rows = []
     try:
@@ -129,7 +140,8 @@ def main() -> None:
             for d in deadlines:
                 for s in STRATEGIES:
                     plan, path = choice[(s, bw, d)], groups[(s, d)]
-                    rt = DeviceRuntime(FixedPlan(devices[path], plan, d), edge=links[path].address,
+                    rt = DeviceRuntime(FixedPlan(devices[path], plan, d),
+                                       edge=links[path].address if path in links else None,
                                        probe_interval=None, early_exit=(s == "edgecut+ee"), initial_bandwidth=bw)
                     ok = met = 0
                     lat = []
@@ -144,7 +156,9 @@ def main() -> None:
                     finally:
                         rt.close()
                     score[s].append(ok / len(order))
-                    rows.append((format_bandwidth(bw), format_time(d), s, plan.id, format_time(plan.latency_s),
+                    built = predicted[path, s == "edgecut+ee"][plan.id]
+                    rows.append((format_bandwidth(bw), format_time(d), s, plan.id,
+                                 format_time(built.device_s + plan.transfer_s + built.edge_s),
                                  format_time(statistics.median(lat)), f"{100 * met / len(order):.0f}%",
                                  f"{ok / len(order):.3f}"))
                     print("  ".join(rows[-1]), flush=True)

@@ -3,8 +3,10 @@
     gm = trace(model, x)                        torch.fx graph, metadata on every node
     gm = insert_exits + train_exits             right-sizing: BranchyNet exits trained on data
     gm = annotate_cost(gm, device, edge)        predicted seconds per node on both sides
-    table = plan_table(gm, deadline, ...)       the (exit, cut) plan per bandwidth range
-    manifest = build_artifact(gm, table, ...)   TVM libraries per side, ONNX copies, manifest
+    table = plan_table(gm, deadline, ...)       a first (exit, cut) plan per bandwidth range
+    cands = candidates(gm, keep=table.plans)    the cuts a calibrated device may want (Pareto fronts)
+    manifest = build_artifact(gm, table, ...)   TVM libraries per side for every candidate, ONNX, manifest
+    table = solve_table(route_costs(manifest))  the final table, over the candidates as built
 """
 from __future__ import annotations
 
@@ -49,7 +51,9 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     from edgecut.costmodel.profile import load_profile
     from edgecut.explain import layer_rows
     from edgecut.frontend import trace
+    from edgecut.frontend.tracing import require_one_output
     from edgecut.passes.annotate_cost import annotate_cost
+    from edgecut.passes.candidates import candidates
     from edgecut.passes.plan_table import plan_table
 
     device_t, edge_t = _targets.get(target), _targets.get(edge)
@@ -65,6 +69,7 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
         gm, exit_info = model, dict(model.meta.get(meta.RIGHT_SIZING, {}))
     else:
         gm = trace(model, example_input)                                 # fx graph + layer metadata
+        require_one_output(gm)                                           # one tensor: the logits
         gm, exit_info = _right_size(gm, exits, data, example_input, epochs, max_accuracy_loss, num_exits, progress)
         gm.meta[meta.RIGHT_SIZING] = exit_info
     gm = annotate_cost(gm, dev_prof, edge_prof, allow_uncalibrated)     # device/edge seconds per node
@@ -81,8 +86,38 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
             "warnings": [str(w.message) for w in caught]}
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgecut-"))
     manifest = build_artifact(gm, table, device_t, edge_t, out, (example_input,), backend=backend,
-                              model_name=name or type(model).__name__, progress=progress, info=info)
+                              model_name=name or type(model).__name__, progress=progress, info=info,
+                              candidates=candidates(gm, keep=table.plans))
+    manifest = _plan_as_built(gm, manifest, dev_prof, edge_prof, rtt, overhead, objective, margin, bool(caught))
+    manifest.write(out)
     return Artifact(out, manifest, gm)
+
+
+def _plan_as_built(gm, manifest, dev_prof, edge_prof, rtt, overhead, objective, margin, warned):
+    """The manifest with every candidate's predicted seconds as built (the nodes' seconds plus one
+    segment call per library call on each side), the plan table and fallback chosen among them."""
+    from dataclasses import replace
+
+    from edgecut.codegen.artifact import fallback_plan
+    from edgecut.errors import DeadlineWarning
+    from edgecut.passes.candidates import predict_routes
+    from edgecut.planning import route_costs, solve_table
+
+    deadline = manifest.table.deadline
+    manifest = replace(manifest, candidates=predict_routes(gm, manifest, dev_prof, edge_prof))
+    table = solve_table(route_costs(manifest), deadline, rtt=rtt, overhead=overhead, objective=objective,
+                        margin=margin)
+    every = PlanTable(tuple(float(i) for i in range(len(manifest.candidates))), manifest.candidates, deadline)
+    fallback = fallback_plan(gm, every, manifest.exits)
+    short = [p for p in table.plans if not p.feasible]
+    if short and not warned:
+        fastest = min(short, key=lambda p: p.latency_s)
+        msg = (f"no plan as built meets the deadline {format_time(deadline)} at some bandwidths: the fastest there, "
+               f"{fastest.id}, takes {format_time(fastest.latency_s)} with its segment calls; relax the deadline, "
+               "add an earlier exit, or use a faster device or edge target")
+        warnings.warn(DeadlineWarning(msg), stacklevel=3)
+        manifest.info.setdefault("warnings", []).append(msg)
+    return replace(manifest, table=table, fallback=fallback)
 
 
 def _trained(model) -> bool:
@@ -260,6 +295,12 @@ class Artifact:
             lines.append(f"  {role} profile: {p['name']} ({p['source']}, p95 error {p['error_p95']:.0%}){flag}")
         for e in self.manifest.exits:
             lines.append(f"  exit {e.id}: accuracy {e.accuracy:.3f}, entropy threshold {e.threshold:.3g}")
+        ort = {}
+        for lib in self.manifest.libraries:                  # segments TVM could not build (or backend)
+            if lib.backend == "onnxruntime":
+                ort.setdefault(lib.segment, (lib.note, []))[1].append(lib.side)
+        for seg, (note, sides) in ort.items():
+            lines.append(f"  segment {seg} runs on ONNX Runtime ({', '.join(sides)}): {note or 'no reason recorded'}")
         lines.append(f"  {'bandwidth from':>15}  {'exit':>4}  {'cut':<28} {'predicted':>10}  feasible")
         for lo, p in zip(self.table.bounds, self.table.plans):
             lines.append(f"  {format_bandwidth(lo):>15}  {p.exit:>4}  {p.cut.name[:28]:<28} "

@@ -2,10 +2,10 @@
 
 Trains the exits of Edgent's AlexNet on scikit-learn's digits, compiles it for two deadlines with
 the shipped `local` profile, starts an edge server and a link emulator on loopback, and runs
-co-inferences at three bandwidths through the real runtime. The device is this CPU slowed down
-`slowdown` times (default 100x: the Pi 3B / edge PC ratio of Edgent's conv regressions;
-`edgecut.runtime.emulate`), and is planned with the
-local profile scaled by the same factor, so predictions and measurements describe the same device.
+co-inferences at three bandwidths through the real runtime. The device is an emulated one
+(`edgecut.runtime.emulate.EmulatedDevice`: every library call computes here, then takes the fixed
+time of a device model, by default `PI_CLASS`), and is planned with that model's own profile, so
+predictions and measurements describe the same device on any machine.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def predicted_latency(plan, bandwidth: float, rtt: float, overhead: float) -> fl
 
 
 def run_demo(out: str | Path = "demo-out", *, bandwidths=(0.5e6, 2e6, 10e6), deadlines=(0.03, 0.1),
-             requests: int = 200, slowdown: float = 100.0, rtt: float = 0.02, epochs: int = 15,
+             requests: int = 200, device=None, rtt: float = 0.02, epochs: int = 15,
              profile=None, seed: int = 0, progress: bool = True, log=print) -> list[Row]:
     import numpy as np
     import torch
@@ -63,7 +63,7 @@ def run_demo(out: str | Path = "demo-out", *, bandwidths=(0.5e6, 2e6, 10e6), dea
     from edgecut.costmodel.profile import load_profile
     from edgecut.data import digits
     from edgecut.runtime.client import DeviceRuntime
-    from edgecut.runtime.emulate import SlowDevice
+    from edgecut.runtime.emulate import PI_CLASS, EmulatedDevice
     from edgecut.runtime.linkemu import LinkEmulator
     from edgecut.runtime.server import EdgeServer
 
@@ -76,8 +76,9 @@ def run_demo(out: str | Path = "demo-out", *, bandwidths=(0.5e6, 2e6, 10e6), dea
     model = zoo.get("alexnet_cifar")
     x0 = test[0][0].unsqueeze(0)
     edge_prof = load_profile(profile or "local")
-    device_prof = edge_prof.scaled(slowdown)
-    log(f"device: this CPU slowed down {slowdown:g}x (profile {device_prof.name}); edge: this CPU "
+    device = device or PI_CLASS
+    device_prof = device.profile()
+    log(f"device: emulated ({device_prof.notes}); edge: this CPU "
         f"(profile {edge_prof.name}); link: {format_time(rtt)} round trip, bandwidths "
         f"{', '.join(format_bandwidth(b) for b in bandwidths)}")
 
@@ -104,11 +105,11 @@ def run_demo(out: str | Path = "demo-out", *, bandwidths=(0.5e6, 2e6, 10e6), dea
     for d, art in arts.items():
         server = EdgeServer(art.path, "127.0.0.1", 0, workers=1).start()
         link = LinkEmulator(("127.0.0.1", 0), server.address, rate=bandwidths[0], delay=rtt / 2).start()
-        device = SlowDevice(load(art.path, "device"), slowdown)
+        emulated = EmulatedDevice(load(art.path, "device"), device)
         try:
             for bw in bandwidths:
                 link.set_rate(bw, bw)
-                rt = DeviceRuntime(device, edge=link.address, probe_interval=None)
+                rt = DeviceRuntime(emulated, edge=link.address, probe_interval=None)
                 try:
                     rt.probe()
                     rows.append(_run(rt, art, xs, ys, bw, d, requests, rtt, seed))

@@ -51,6 +51,10 @@ class CodegenError(EdgecutError):
     """TVM or ONNX could not compile a segment; names the op and the node."""
 
 
+class CodegenWarning(UserWarning):
+    """Some segments run on ONNX Runtime because TVM could not build them; names the op and node."""
+
+
 class ArtifactError(EdgecutError):
     """An artifact that is tampered with, incomplete, or of an unknown format version."""
 

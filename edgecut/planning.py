@@ -160,12 +160,20 @@ def _check(routes, deadline, objective, margin) -> list:
     return routes
 
 
+def range_key(plan: Plan) -> tuple:
+    """What makes two adjacent ranges different plans: the exit, the bytes that cross (none for
+    device-only) and feasibility. Two cuts that send the same bytes are the same plan to the
+    device (their predicted times differ only by a tie), so a range keeps its first cut rather
+    than flapping between them."""
+    return plan.exit, plan.cut.device_only, plan.cut.crossing_bytes, plan.feasible
+
+
 def solve_table(routes, deadline: float = math.inf, *, rtt: float = 0.0, overhead: float = 0.0,
                 bandwidths=None, objective: str = "accuracy", margin: float = 0.0) -> PlanTable:
     """The plan per bandwidth range: at each bandwidth of `bandwidths` (default `bandwidth_grid()`)
     the most accurate route that fits `deadline` (ties: the faster, then device-only, then the
     later cut); where none fits, the fastest, marked infeasible with its shortfall. Adjacent
-    bandwidths with the same choice merge into one range; each range's Plan holds the seconds
+    bandwidths with the same `range_key` (exit, crossing bytes, feasibility) merge into one range; each range's Plan holds the seconds
     used at its lowest bandwidth."""
     routes = _check(routes, deadline, objective, margin)
     bws = sorted(float(b) for b in (bandwidth_grid() if bandwidths is None else bandwidths))
@@ -176,7 +184,7 @@ def solve_table(routes, deadline: float = math.inf, *, rtt: float = 0.0, overhea
         link = Link(bw, rtt, overhead)
         route, _ = _pick(routes, link, deadline, objective, margin)
         plan = route.plan(link, deadline, margin)
-        if plans and plans[-1].id == plan.id and plans[-1].feasible == plan.feasible:
+        if plans and range_key(plans[-1]) == range_key(plan):
             continue
         bounds.append(bw)
         plans.append(plan)

@@ -134,3 +134,39 @@ def test_cli_compile_then_explain(tmp_path):
     r = subprocess.run([sys.executable, "-m", "edgecut", "compile", "edgecut.zoo:tiny_dag", "--target", "pi9",
                         "-o", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "known targets" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_predictions_include_what_each_library_call_costs(tmp_path):
+    """Every candidate's device and edge seconds are its nodes' plus one Profile.segment_seconds
+    per library call on that side; the final table is chosen over those predictions."""
+    from dataclasses import replace
+
+    from edgecut.frontend import meta
+
+    device = replace(DEVICE, segment={"intercept": 2e-4, "s_per_elem": 1e-9})    # x20: 4 ms a call
+    _, _, art = _compile("tiny_chain", tmp_path, deadline=math.inf, profile=device)
+    man, nodes = art.manifest, {n.name: n for n in art.gm.graph.nodes}
+    segs = {s.name: s for s in man.segments}
+
+    def expect(names, key, prof):
+        total = 0.0
+        for name in names:
+            s = segs[name]
+            total += sum(nodes[n].meta[key] for n in s.nodes)
+            total += prof.segment_seconds(*(sum(math.prod(man.tensors[t].shape) for t in ts)
+                                            for ts in (s.inputs, s.outputs)))
+        return total
+
+    assert len(man.candidates) > len(art.table.plans)
+    for p in man.candidates:
+        r = man.route(p.id)
+        assert p.device_s == pytest.approx(expect([*r.device, *(h for _, _, hs in r.checks for h in hs)],
+                                                  meta.DEVICE_S, device))
+        assert p.edge_s == pytest.approx(expect(r.edge, meta.EDGE_S, EDGE))
+        assert len(r.device) <= 1 and len(r.edge) <= 1           # no exits: one call a side
+        if r.device:
+            assert p.device_s >= device.segment_seconds(0, 0) >= 4e-3
+    cands = {p.id: p for p in man.candidates}
+    for p in art.table.plans:
+        assert (p.device_s, p.edge_s) == (cands[p.id].device_s, cands[p.id].edge_s)
+    assert art.manifest.fallback.id in cands

@@ -11,8 +11,10 @@ def register(sub) -> None:
     p.add_argument("--bandwidths", default="0.5mbit,2mbit,10mbit", help="comma-separated (default 0.5mbit,2mbit,10mbit)")
     p.add_argument("--deadlines", default="30ms,100ms", help="comma-separated (default 30ms,100ms)")
     p.add_argument("--requests", type=int, default=200, help="co-inferences per bandwidth and deadline (default 200)")
-    p.add_argument("--slowdown", type=float, default=100.0,
-                   help="emulate a device this many times slower than this CPU (default 100: the Pi 3B vs edge PC ratio of Edgent's conv regressions)")
+    p.add_argument("--device-macs", type=float, default=None,
+                   help="the emulated device's multiply-accumulates per second (default 0.7e9, a Pi-class device)")
+    p.add_argument("--device-call", default=None,
+                   help="the emulated device's time per library call (default 0.5ms)")
     p.add_argument("--rtt", default="20ms", help="round trip of the emulated link (default 20ms)")
     p.add_argument("--epochs", type=int, default=15, help="exit training epochs (default 15)")
     p.add_argument("--profile", help="cost profile of this machine (default: the shipped local profile); "
@@ -21,10 +23,18 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from dataclasses import replace
+
     from edgecut.demo import run_demo
+    from edgecut.runtime.emulate import PI_CLASS
     from edgecut.units import parse_bandwidth, parse_time
 
+    device = PI_CLASS
+    if args.device_macs is not None:
+        device = replace(device, macs_per_s=args.device_macs)
+    if args.device_call is not None:
+        device = replace(device, call_s=parse_time(args.device_call))
     run_demo(args.output, bandwidths=[parse_bandwidth(b) for b in args.bandwidths.split(",")],
              deadlines=[parse_time(d) for d in args.deadlines.split(",")], requests=args.requests,
-             slowdown=args.slowdown, rtt=parse_time(args.rtt), epochs=args.epochs, profile=args.profile)
+             device=device, rtt=parse_time(args.rtt), epochs=args.epochs, profile=args.profile)
     return 0

@@ -2,8 +2,10 @@
 
 ```
 OUT/manifest.msgpack, manifest.json   the Manifest (edgecut/codegen/manifest.py)
-OUT/device/<segment>.so, .params      TVM libraries for the device target, and their weights
-OUT/edge/<segment>.so, .params        the same for the edge target
+OUT/device/<segment>.so, .params      TVM libraries for the device target, and their weights (as
+                                      references into weights.msgpack)
+OUT/device/weights.msgpack            every distinct weight array of the side's libraries, once
+OUT/edge/...                          the same for the edge target
 OUT/onnx/<segment>.onnx               portable copies (backend="onnxruntime")
 OUT/reference.msgpack                 a reference input and what each side must answer (`edgecut check`)
 ```
@@ -17,23 +19,27 @@ from __future__ import annotations
 import math
 import platform
 import shutil
+import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
 from edgecut import targets as _targets
 from edgecut.codegen.build import build
-from edgecut.codegen.importer import import_segment
-from edgecut.codegen.manifest import (FORMAT_VERSION, REFERENCE, Library, Manifest, TensorSpec, max_error,
-                                      save_arrays, sha256)
+from edgecut.codegen.importer import ImportFailed, import_segment
+from edgecut.codegen.manifest import (FORMAT_VERSION, REFERENCE, Library, Manifest, TensorSpec, array_key,
+                                      max_error, save_arrays, sha256)
 from edgecut.codegen.segment import _ancestors, exit_specs, segment_module, split
-from edgecut.errors import CodegenError
+from edgecut.errors import CodegenError, CodegenWarning
 from edgecut.frontend import meta
 from edgecut.types import Cut, Plan, PlanTable
 
 BACKENDS = ("tvm", "onnxruntime")
+WEIGHTS = "weights.msgpack"     # per side: every library's weights, each distinct array once
 
 
 def _values(gm: fx.GraphModule, example_inputs) -> dict:
@@ -48,7 +54,7 @@ def _values(gm: fx.GraphModule, example_inputs) -> dict:
             return out
 
     with torch.no_grad():
-        Record(gm).run(*[torch.as_tensor(x) for x in example_inputs])
+        Record(gm).run(*[torch.as_tensor(x).clone() for x in example_inputs])
     return values
 
 
@@ -76,30 +82,99 @@ def fallback_plan(gm: fx.GraphModule, table: PlanTable, exits) -> Plan:
     return max(fits, key=lambda p: (-math.inf if math.isnan(p.accuracy) else p.accuracy)) if fits else options[0]
 
 
-def _export(built, path: Path, target) -> None:
+def export_library(built, path, target) -> None:
+    """Write `built` as a shared library for `target` (cross-compiled with its `cc`). The triple of
+    the packed imports comes from the target's compiler: `cross_compiler(cc)` alone asks the host's
+    g++, which makes an x86 object in an aarch64 library when a program has no kernels."""
     if target.cc:
         from tvm.support import cc as _cc
 
-        built.executable.export_library(str(path), fcompile=_cc.cross_compiler(target.cc))
+        fcompile = _cc.cross_compiler(target.cc, get_target_triple=_cc.get_target_by_dump_machine(target.cc))
+        built.executable.export_library(str(path), fcompile=fcompile)
     else:
         built.executable.export_library(str(path))
 
 
-def _run_library(lib: Path, params: Path, kind: str, inputs) -> list:
+def _run_library(lib: Path, params: Path, kind: str, inputs, weights: dict) -> list:
     from edgecut.codegen.load import _TvmSegment
 
-    return _TvmSegment(lib, params, kind).run(inputs)
+    class Store:            # the side's weights before its store is written
+        def tensor(self, key, dev):
+            import tvm
+
+            return tvm.runtime.tensor(weights[key], dev)
+    return _TvmSegment(lib, params, kind, Store()).run(inputs)
+
+
+def _save_refs(path: Path, params, store: dict) -> None:
+    """Write a library's weights as references into its side's `store` (key -> array)."""
+    refs = []
+    for p in params:
+        key = array_key(p)
+        store.setdefault(key, np.ascontiguousarray(p))
+        refs.append({"ref": key})
+    save_arrays(path, refs)
+
+
+class _Fallback(Exception):
+    """TVM could not import, build or match PyTorch on a segment: it runs on ONNX Runtime."""
+
+    def __init__(self, op: str, node: str, reason: str, done: int = 0):
+        super().__init__(reason)
+        self.op, self.node, self.reason, self.done = op, node, reason, done
+
+
+def _tvm_segment(s, seg_gm, ins, want, mine, sides, out, libs, check, bar, tolerance, stores):
+    """Import `s` once, compile it for each side in `mine` (once per distinct target), export the
+    libraries (appended to `libs`), and check the first one that runs here against PyTorch.
+    Returns its outputs (None when no library runs here); raises _Fallback."""
+    try:
+        mod, params = import_segment(seg_gm, [(x.shape, x.dtype) for x in ins], name=s.name, example_inputs=ins)
+    except ImportFailed as e:
+        raise _Fallback(e.op or "import", e.node or s.nodes[0], str(e)) from e
+    built_for, tvm_out = {}, None
+    for k, side in enumerate(mine):
+        target = sides[side]
+        bar.set_postfix_str(f"{s.name} for {target.name}")
+        lib, par = f"{side}/{s.name}.so", f"{side}/{s.name}.params"
+        if target.name in built_for:          # same target on both sides: compile once
+            shutil.copyfile(out / built_for[target.name][0], out / lib)
+            _save_refs(out / par, built_for[target.name][1], stores[side])
+        else:
+            try:
+                built = build(mod, params, target, num_inputs=len(ins))
+                export_library(built, out / lib, target)
+            except Exception as e:  # noqa: BLE001 - the segment falls back (or the build stops)
+                raise _Fallback("build", s.nodes[0], f"compiling segment {s.name} ({', '.join(s.nodes[:3])}...) "
+                                f"for target {target.name} failed: {type(e).__name__}: "
+                                f"{(str(e).strip().splitlines() or [''])[-1][:300]}", k) from e
+            _save_refs(out / par, built.params, stores[side])
+            built_for[target.name] = (lib, built.params)
+        libs.append(Library(side, s.name, "tvm", lib, par, target.name, str(target.tvm_target()), target.arch,
+                            f"{side}/{WEIGHTS}"))
+        if target.runs_here and tvm_out is None:
+            tvm_out = _run_library(out / lib, out / par, target.tvm.get("kind", "llvm"), ins, stores[side])
+            err = max(max_error(g, w) for g, w in zip(tvm_out, want))
+            check["tvm_vs_torch"] = err
+            if err > tolerance:
+                raise _Fallback("numeric check", s.nodes[0], f"segment {s.name} compiled for {target.name} "
+                                f"differs from PyTorch by {err:.2e} x the output's scale (tolerance {tolerance:g})",
+                                k + 1)
+        bar.update(1)
+    return tvm_out
 
 
 def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", edge_target="local",
                    out_dir="build/model", example_inputs=(), *, backend: str = "tvm", onnx: bool = True,
                    model_name: str | None = None, tolerance: float = 1e-4, progress: bool = True,
-                   info: dict | None = None) -> Manifest:
+                   info: dict | None = None, candidates=()) -> Manifest:
     """Split `gm` at the cuts of `table`, compile each segment for its side(s), export ONNX copies,
     check them, and write the artifact directory `out_dir` (replaced if it exists).
 
     backend="tvm" compiles TVM libraries (device and edge); "onnxruntime" writes only the ONNX
-    copies (for models with ops TVM cannot import). `info` (msgpack-able) is stored as `manifest.info`. Raises CodegenError when a segment cannot be
+    copies (for models with ops TVM cannot import). `info` (msgpack-able) is stored as `manifest.info`.
+    `candidates`: more plans to build routes for (`passes.candidates`); `manifest.candidates`
+    lists every plan built (the table's, the fallback, these). Raises CodegenError when a segment cannot be
     compiled or disagrees with PyTorch by more than `tolerance` x the output's scale."""
     if backend not in BACKENDS:
         raise CodegenError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -118,7 +193,7 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
     # 1. exits, fallback, segments and routes
     exits = exit_specs(gm, table.plans)
     fallback = fallback_plan(gm, table, exits)
-    plans = table.plans + (() if any(p.id == fallback.id for p in table.plans) else (fallback,))
+    plans = tuple({p.id: p for p in (*table.plans, fallback, *candidates)}.values())
     segments, routes, exits = split(gm, plans, exits)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     values = _values(gm, example_inputs)
@@ -138,53 +213,45 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
 
     # 2. compile, export and check every segment
     libraries, onnx_files, checks, files = [], {}, {}, []
+    stores = {side: {} for side in sides}         # side -> weight key -> array (each stored once)
     work = [(s, side) for s in segments for side in sides if s.name in uses[side]]
     bar = tqdm(total=len(work) + (len(segments) if onnx else 0), desc="codegen", unit="seg",
                disable=not progress, leave=False)
+    fallbacks = {}
     for s in segments:
         seg_gm = segment_module(gm, s)
         ins = [values[i] for i in s.inputs]
         want = [values[o] for o in s.outputs]
         check = checks.setdefault(s.name, {})
-        tvm_out = None
-        if backend == "tvm" and any(s.name in uses[side] for side in sides):
-            mod, params = import_segment(seg_gm, [(x.shape, x.dtype) for x in ins], name=s.name)
-            built_for = {}
-            for side, target in sides.items():
-                if s.name not in uses[side]:
-                    continue
-                bar.set_postfix_str(f"{s.name} for {target.name}")
-                lib, par = f"{side}/{s.name}.so", f"{side}/{s.name}.params"
-                if target.name in built_for:          # same target on both sides: compile once
-                    shutil.copyfile(out / built_for[target.name][0], out / lib)
-                    shutil.copyfile(out / built_for[target.name][1], out / par)
-                else:
-                    try:
-                        built = build(mod, params, target, num_inputs=len(ins))
-                        _export(built, out / lib, target)
-                    except Exception as e:
-                        raise CodegenError(f"compiling segment {s.name} ({', '.join(s.nodes[:3])}...) for "
-                                           f"target {target.name} failed: {type(e).__name__}: "
-                                           f"{(str(e).strip().splitlines() or [''])[-1][:300]}") from e
-                    save_arrays(out / par, built.params)
-                    built_for[target.name] = (lib, par)
-                libraries.append(Library(side, s.name, "tvm", lib, par, target.name,
-                                         str(target.tvm_target()), target.arch))
-                files += [lib, par]
-                if target.runs_here and tvm_out is None:
-                    tvm_out = _run_library(out / lib, out / par, target.tvm.get("kind", "llvm"), ins)
-                    err = max(max_error(g, w) for g, w in zip(tvm_out, want))
-                    check["tvm_vs_torch"] = err
-                    if err > tolerance:
-                        raise CodegenError(f"segment {s.name} compiled for {target.name} differs from PyTorch by "
-                                           f"{err:.2e} x the output's scale (tolerance {tolerance:g})")
-                bar.update(1)
+        mine = [side for side in sides if s.name in uses[side]]
+        tvm_out, tvm_libs = None, []
+        if backend == "tvm" and mine:
+            try:
+                tvm_out = _tvm_segment(s, seg_gm, ins, want, mine, sides, out, tvm_libs, check, bar, tolerance,
+                                       stores)
+            except _Fallback as e:
+                if not onnx:
+                    raise CodegenError(f"{e.reason}; build with onnx=True to run this segment on ONNX Runtime, "
+                                       "or backend=\"onnxruntime\"") from e.__cause__
+                fallbacks[s.name] = e
+                for lib in tvm_libs:
+                    (out / lib.file).unlink(missing_ok=True)
+                    (out / lib.params).unlink(missing_ok=True)
+                tvm_libs, tvm_out = [], None
+                bar.update(len(mine) - e.done)
+        libraries += tvm_libs
+        files += [f for lib in tvm_libs for f in (lib.file, lib.params)]
         if onnx:
             bar.set_postfix_str(f"{s.name} to ONNX")
             from edgecut.codegen.onnx_export import OnnxSegment, export_segment
 
             path = f"onnx/{s.name}.onnx"
-            export_segment(seg_gm, ins, out / path, s.inputs, s.outputs)
+            try:
+                export_segment(seg_gm, ins, out / path, s.inputs, s.outputs)
+            except CodegenError as e:
+                if s.name not in fallbacks:
+                    raise
+                raise CodegenError(f"{fallbacks[s.name].reason}; the ONNX Runtime fallback failed too: {e}") from e
             got = OnnxSegment(out / path, s.inputs).run(ins)
             against = tvm_out if tvm_out is not None else want
             err = max(max_error(g, w) for g, w in zip(got, against))
@@ -194,8 +261,20 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
                                    f"{'TVM' if tvm_out is not None else 'PyTorch'} by {err:.2e} x the output's scale")
             onnx_files[s.name] = path
             files.append(path)
+            if backend == "onnxruntime" or s.name in fallbacks:
+                note = fallbacks[s.name].reason if s.name in fallbacks else "backend='onnxruntime'"
+                libraries += [Library(side, s.name, "onnxruntime", path, "", sides[side].name, "",
+                                      sides[side].arch, note=note) for side in mine]
             bar.update(1)
     bar.close()
+    if fallbacks:
+        warnings.warn("TVM could not build " + "; ".join(
+            f"segment {name} ({e.op} at node {e.node!r}: {e.reason})" for name, e in fallbacks.items())
+            + ": those segments run on ONNX Runtime (see the artifact's report())", CodegenWarning, stacklevel=2)
+    for side, store in stores.items():
+        if any(lib.side == side and lib.weights for lib in libraries):   # even empty: libraries name it
+            save_arrays(out / side / WEIGHTS, store)
+            files.append(f"{side}/{WEIGHTS}")
 
     # 3. the reference for `edgecut check`: model inputs, each exit's logits, the tensors an edge gets
     edge_plans = [p for p in plans if routes[p.id].edge]
@@ -207,17 +286,27 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
     save_arrays(out / REFERENCE, ref)
     files.append(REFERENCE)
 
-    import tvm
-
-    versions = {"edgecut": _edgecut_version(), "tvm": tvm.__version__, "torch": torch.__version__,
+    versions = {"edgecut": _edgecut_version(), "tvm": _tvm_version(), "torch": torch.__version__,
                 "python": platform.python_version()}
     manifest = Manifest(model_name or type(gm).__name__, inputs, tuple(segments), tensors, table, fallback,
                         routes, tuple(exits), tuple(libraries), onnx_files,
                         {f: sha256(out / f) for f in sorted(set(files))},
                         {side: t.to_dict() for side, t in sides.items()}, versions, checks, REFERENCE,
-                        FORMAT_VERSION, dict(info or {}))
+                        FORMAT_VERSION, dict(info or {}), plans)
     manifest.write(out)
     return manifest
+
+
+def _tvm_version() -> str:
+    """TVM's version, without importing TVM when nothing did (backend="onnxruntime")."""
+    if "tvm" in sys.modules:
+        return sys.modules["tvm"].__version__
+    from importlib import metadata
+
+    try:
+        return metadata.version("apache-tvm")
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 def _edgecut_version() -> str:

@@ -98,7 +98,7 @@ def prepare(mod, num_inputs: int = 1):
         relax.transform.CanonicalizeBindings(),
     ])(mod)
     mod["main"] = rewrites.divide_by_weights_as_multiply(mod, num_inputs)
-    mod = relax.transform.ConvertLayout(DESIRED_LAYOUTS)(mod)  # NCHW/OIHW -> NHWC/HWIO
+    mod = _convert_layout(mod)                        # NCHW/OIHW -> NHWC/HWIO
     mod = winograd.winograd_conv2d(mod, num_inputs)   # 3x3 stride-1 convs (edgecut/codegen/winograd.py)
     mod = relax.transform.LiftTransformParams()(mod)  # weight-only work -> main_transform_params
     main_mod = tvm.transform.Sequential([
@@ -114,6 +114,24 @@ def prepare(mod, num_inputs: int = 1):
     if weights is not None:
         weights = relax.transform.LegalizeOps()(weights)
     return main_mod, weights, constants
+
+
+def _convert_layout(mod):
+    """ConvertLayout to DESIRED_LAYOUTS where the module has a convolution; as it is when the pass
+    fails (TVM 0.27 raises std::bad_alloc on nn.MultiheadAttention's imported graph), logged."""
+    import tvm
+    from tvm import relax
+
+    conv2d = tvm.ir.Op.get("relax.nn.conv2d")
+    if not any(isinstance(b.value, relax.Call) and b.value.op.same_as(conv2d)
+               for block in mod["main"].body.blocks for b in block.bindings):
+        return mod
+    try:
+        return relax.transform.ConvertLayout(DESIRED_LAYOUTS)(mod)
+    except Exception as e:  # noqa: BLE001 - NCHW code is correct, only slower
+        log.warning("edgecut build: convolutions stay NCHW, ConvertLayout failed (%s: %s)", type(e).__name__,
+                    (str(e).strip().splitlines() or [""])[-1][:200])
+        return mod
 
 
 def split_weight_prepack(mod):

@@ -2,7 +2,9 @@
 
 Needs only numpy, msgpack and the TVM *runtime* (`tvm.runtime.load_module`,
 `tvm.runtime.vm.VirtualMachine`: a Pi's runtime-only TVM has no `tvm.relax`), or onnxruntime
-with `backend="onnxruntime"`. Every file the side uses is checked against the manifest's sha256
+with `backend="onnxruntime"`. Under backend="tvm" a segment whose Library says "onnxruntime"
+(TVM could not build it, or the artifact was built with backend="onnxruntime") runs on
+onnxruntime, the rest on TVM. Every file the side uses is checked against the manifest's sha256
 before anything is loaded.
 """
 from __future__ import annotations
@@ -35,8 +37,27 @@ class RunResult:
     seconds: float
 
 
+class WeightStore:
+    """A side's shared weights (`Library.weights`): read once, each array made a TVM tensor
+    once, and that tensor passed to every library that uses it."""
+
+    def __init__(self, path: Path):
+        self.path, self._arrays, self._tensors = Path(path), None, {}
+
+    def tensor(self, key: str, dev):
+        if key not in self._tensors:
+            if self._arrays is None:
+                self._arrays = load_arrays(self.path)
+            if key not in self._arrays:
+                raise ArtifactError(f"{self.path} lacks weight {key[:12]}...: rebuild the artifact")
+            import tvm
+
+            self._tensors[key] = tvm.runtime.tensor(np.ascontiguousarray(self._arrays[key]), dev)
+        return self._tensors[key]
+
+
 class _TvmSegment:
-    def __init__(self, lib_path: Path, params_path: Path, target_kind: str):
+    def __init__(self, lib_path: Path, params_path: Path, target_kind: str, store: WeightStore | None = None):
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
@@ -44,7 +65,14 @@ class _TvmSegment:
         self.dev = tvm.cuda(0) if target_kind == "cuda" else tvm.cpu(0)
         self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
         self.main = self.vm["main"]
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(p), self.dev) for p in load_arrays(params_path)]
+        self.params = []
+        for p in load_arrays(params_path):
+            if isinstance(p, dict) and "ref" in p:
+                if store is None:
+                    raise ArtifactError(f"{params_path} refers to shared weights, but its library names no store")
+                self.params.append(store.tensor(p["ref"], self.dev))
+            else:
+                self.params.append(tvm.runtime.tensor(np.ascontiguousarray(p), self.dev))
 
     def run(self, inputs) -> list[np.ndarray]:
         args = [self._tvm.runtime.tensor(np.ascontiguousarray(x), self.dev) for x in inputs]
@@ -61,6 +89,7 @@ class Part:
         if backend not in BACKENDS:
             raise ArtifactError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.path, self.side, self.backend = Path(path), side, backend
+        self._onnx_segments: set = set()      # segments that run on ONNX Runtime under backend="tvm"
         self.manifest = m = Manifest.read(self.path)
         self.table = m.table
         self.fallback_plan_id = m.fallback.id
@@ -69,7 +98,8 @@ class Part:
         needed = self.segments_needed(m, side)
         files = self._files(needed)
         if verify:
-            verify_files(self.path, m, [f for pair in files.values() for f in pair if f])
+            verify_files(self.path, m, sorted({f for names in files.values() for f in names if f}))
+        self._stores: dict = {}
         self._run = {name: self._open(name, *files[name]) for name in needed}
 
     @staticmethod
@@ -88,8 +118,8 @@ class Part:
             missing = [s for s in needed if not self.manifest.onnx.get(s)]
             if missing:
                 raise ArtifactError(f"{self.path}: no ONNX copy of segments {missing}; rebuild with onnx=True")
-            return {s: (self.manifest.onnx[s], "") for s in needed}
-        libs = self.manifest.libraries_of(self.side, "tvm")
+            return {s: (self.manifest.onnx[s], "", "") for s in needed}
+        libs = self.manifest.libraries_of(self.side, None)  # TVM, or ONNX Runtime where TVM could not build
         missing = [s for s in needed if s not in libs]
         if missing:
             raise ArtifactError(f"{self.path}: no TVM library of segments {missing} for the {self.side}; "
@@ -97,20 +127,24 @@ class Part:
         arch = platform.machine()
         for s in needed:
             lib = libs[s]
+            if lib.backend != "tvm":
+                continue
             if lib.arch != arch and not (lib.arch in ("aarch64", "arm64") and arch in ("aarch64", "arm64")):
                 raise ArtifactError(f"{self.path}: the {self.side} libraries were built for {lib.arch} "
                                     f"(target {lib.target}), this machine is {arch}; run them there, or "
                                     "use backend='onnxruntime' here")
-        return {s: (libs[s].file, libs[s].params) for s in needed}
+        self._onnx_segments = {s for s in needed if libs[s].backend == "onnxruntime"}
+        return {s: (libs[s].file, libs[s].params, libs[s].weights) for s in needed}
 
-    def _open(self, name: str, file: str, params: str):
+    def _open(self, name: str, file: str, params: str, weights: str = ""):
         seg = self._segments[name]
-        if self.backend == "onnxruntime":
+        if self.backend == "onnxruntime" or name in self._onnx_segments:
             from edgecut.codegen.onnx_export import OnnxSegment
 
             return OnnxSegment(self.path / file, seg.inputs).run
         kind = self.manifest.targets.get(self.side, {}).get("tvm", {}).get("kind", "llvm")
-        return _TvmSegment(self.path / file, self.path / params, kind).run
+        store = self._stores.setdefault(weights, WeightStore(self.path / weights)) if weights else None
+        return _TvmSegment(self.path / file, self.path / params, kind, store).run
 
     # --- running ---------------------------------------------------------------------------
     def _check_tensors(self, tensors, names, what: str) -> None:

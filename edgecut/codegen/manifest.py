@@ -28,20 +28,22 @@ REFERENCE = "reference.msgpack"
 class Segment:
     """A piece of the graph compiled as one library. `inputs`: node names it reads (model
     placeholders or other segments' outputs), in argument order; `outputs`: node names it
-    returns; `nodes`: its own nodes in graph order."""
+    returns; `nodes`: its own nodes in graph order; `macs`: their multiply-accumulates (the
+    work of one call, from node metadata; 0 when unknown)."""
 
     name: str
     nodes: tuple
     inputs: tuple
     outputs: tuple
+    macs: int = 0
 
     def to_dict(self) -> dict:
         return {"name": self.name, "nodes": list(self.nodes), "inputs": list(self.inputs),
-                "outputs": list(self.outputs)}
+                "outputs": list(self.outputs), "macs": int(self.macs)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Segment":
-        return cls(d["name"], tuple(d["nodes"]), tuple(d["inputs"]), tuple(d["outputs"]))
+        return cls(d["name"], tuple(d["nodes"]), tuple(d["inputs"]), tuple(d["outputs"]), int(d.get("macs", 0)))
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,10 @@ class TensorSpec:
 @dataclass(frozen=True)
 class Library:
     """One compiled segment for one side: `file` (a TVM library, or an .onnx file for the
-    onnxruntime backend), `params` (weights file, "" for ONNX), the TVM target it was built for."""
+    onnxruntime backend), `params` (weights file, "" for ONNX), the TVM target it was built for.
+    `weights`: the side's shared weight store when `params` lists references into it
+    ({"ref": sha256} entries; weights used by several libraries are stored once), else "".
+    `note`: why a segment runs on ONNX Runtime (backend requested, or what TVM could not do)."""
 
     side: str
     segment: str
@@ -128,6 +133,8 @@ class Library:
     target: str
     tvm_target: str
     arch: str
+    weights: str = ""
+    note: str = ""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -158,6 +165,7 @@ class Manifest:
     reference: str = REFERENCE      # file with a reference input and expected outputs (for `check`)
     format_version: int = FORMAT_VERSION
     info: dict = field(default_factory=dict)     # what compile knew: deadline, profiles, per-layer costs (explain)
+    candidates: tuple = ()          # Plan: every plan with a route, predicted device/edge seconds as built
 
     def route(self, plan_id: str) -> Route:
         try:
@@ -166,8 +174,11 @@ class Manifest:
             raise ArtifactError(f"unknown plan id {plan_id!r}; this artifact has "
                                 f"{', '.join(sorted(self.routes))}") from None
 
-    def libraries_of(self, side: str, backend: str = "tvm") -> dict:
-        return {lib.segment: lib for lib in self.libraries if lib.side == side and lib.backend == backend}
+    def libraries_of(self, side: str, backend: str | None = "tvm") -> dict:
+        """segment -> Library of `side` with `backend`; backend=None: each segment's library as
+        built (TVM, or ONNX Runtime where TVM could not build it)."""
+        return {lib.segment: lib for lib in self.libraries
+                if lib.side == side and (backend is None or lib.backend == backend)}
 
     def exit(self, exit_id: int) -> ExitSpec:
         return next(e for e in self.exits if e.id == exit_id)
@@ -182,7 +193,8 @@ class Manifest:
                 "exits": [e.to_dict() for e in self.exits],
                 "libraries": [lib.to_dict() for lib in self.libraries], "onnx": dict(self.onnx),
                 "files": dict(self.files), "targets": dict(self.targets), "versions": dict(self.versions),
-                "checks": dict(self.checks), "reference": self.reference, "info": dict(self.info)}
+                "checks": dict(self.checks), "reference": self.reference, "info": dict(self.info),
+                "candidates": [p.to_dict() for p in self.candidates]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
@@ -192,15 +204,19 @@ class Manifest:
         if version > FORMAT_VERSION:
             raise ArtifactError(f"artifact format version {version} is newer than this edgecut reads "
                                 f"({FORMAT_VERSION}); upgrade edgecut on this machine or rebuild the artifact")
+        table, fallback = PlanTable.from_dict(d["table"]), Plan.from_dict(d["fallback"])
+        if "candidates" in d:
+            candidates = tuple(Plan.from_dict(p) for p in d["candidates"])
+        else:                       # written before candidates: the table's plans and the fallback
+            candidates = tuple({p.id: p for p in (*table.plans, fallback)}.values())
         return cls(d["model"], tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
                    tuple(Segment.from_dict(s) for s in d["segments"]),
-                   {k: TensorSpec.from_dict(v) for k, v in d["tensors"].items()},
-                   PlanTable.from_dict(d["table"]), Plan.from_dict(d["fallback"]),
+                   {k: TensorSpec.from_dict(v) for k, v in d["tensors"].items()}, table, fallback,
                    {k: Route.from_dict(r) for k, r in d["routes"].items()},
                    tuple(ExitSpec.from_dict(e) for e in d["exits"]),
                    tuple(Library.from_dict(x) for x in d["libraries"]), dict(d["onnx"]),
                    dict(d["files"]), dict(d["targets"]), dict(d["versions"]), dict(d.get("checks", {})),
-                   d.get("reference", REFERENCE), version, dict(d.get("info", {})))
+                   d.get("reference", REFERENCE), version, dict(d.get("info", {})), candidates)
 
     def to_msgpack(self) -> bytes:
         return msgpack.packb(self.to_dict(), use_bin_type=True)
@@ -282,6 +298,14 @@ def load_arrays(path: str | Path):
             return [unpack(v) for v in x]
         return x
     return unpack(msgpack.unpackb(Path(path).read_bytes(), raw=False, strict_map_key=False))
+
+
+def array_key(a: np.ndarray) -> str:
+    """The content hash of an array (dtype, shape and bytes): equal weights share one key."""
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 def max_error(got: np.ndarray, want: np.ndarray) -> float:

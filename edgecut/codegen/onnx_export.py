@@ -6,6 +6,9 @@ outputs, so the runtime feeds and reads them exactly as it does the TVM librarie
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -23,7 +26,9 @@ def export_segment(gm, example_inputs, path: str | Path, input_names, output_nam
     import torch
 
     path = Path(path)
-    args = tuple(torch.as_tensor(x) for x in example_inputs)
+    # copies: exporting runs the segment, and an in-place op on an input (SiLU(inplace=True) right
+    # after a boundary) would otherwise rewrite the caller's reference arrays
+    args = tuple(torch.tensor(np.asarray(x)) for x in example_inputs)
     errors = []
     for dynamo in (False, True):
         try:
@@ -34,7 +39,7 @@ def export_segment(gm, example_inputs, path: str | Path, input_names, output_nam
                     kwargs.update(external_data=False, verbose=False)
                 else:
                     kwargs.update(opset_version=OPSET, do_constant_folding=True)
-                with torch.no_grad():
+                with torch.no_grad(), (contextlib.nullcontext() if dynamo else _quiet_stdout()):
                     torch.onnx.export(gm, args, str(path), **kwargs)
             _check_names(path, input_names, output_names)
             return
@@ -43,6 +48,26 @@ def export_segment(gm, example_inputs, path: str | Path, input_names, output_nam
                           f"{(str(e).strip().splitlines() or [''])[0][:300]}")
     raise CodegenError(f"ONNX export of {path.stem} failed ({'; '.join(errors)}); "
                        "build with onnx=False to skip the ONNX copies")
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """File descriptor 1 to /dev/null: the TorchScript exporter prints its whole graph there when
+    an op has no ONNX symbolic (nn.MultiheadAttention), before the dynamo exporter takes over."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _check_names(path: Path, input_names, output_names) -> None:

@@ -1,23 +1,26 @@
-"""split: cut an (exit-lowered or multi-exit) fx graph into segments at every cut the plan table uses.
+"""split: cut an (exit-lowered or multi-exit) fx graph into the segments its plans run.
 
-Each node gets a signature: for every distinct cut in the table, whether the node is on the
-device, and for every exit, whether the exit's logits need it. Nodes with equal signatures form
-one segment. Every cut and every exit head is then a union of whole segments, so the device can
-switch plans (move the cut, take another exit, stop at an early exit) without recompiling. The
-segments form a DAG: an edge u -> v between segments implies sig(u) >= sig(v) componentwise,
-because device sets are closed under predecessors and so are exits' ancestor sets.
+Every plan (exit, cut) gets a `Route`: its device nodes in graph order, cut into one segment per
+early-exit check span (up to the branch point of the first exit whose head can run there, then
+up to the next, ...), one segment per check's head, and one edge segment from the crossing
+tensors to the exit's logits. A route therefore makes as many library calls as its checks
+need, however many cuts the artifact offers: the device can switch plans (move the cut, take
+another exit, stop at an early exit) without recompiling, and no plan pays a segment call at
+a boundary only another plan uses. Segments equal in nodes, inputs and outputs are built once
+and shared; segments of different routes may overlap (a node compiled into several libraries).
 
 Reads `gm.meta[meta.EXITS]` (exit id -> logits node, branch point, threshold) when present;
-otherwise the graph's single output is exit 0 (or the largest id any plan names). Needs
-`edgecut.trace` (and, for multi-exit graphs, `insert_exits`) before. Does not modify `gm`.
+otherwise the graph's single output is exit 0 (or the largest id any plan names); each node's
+work (`charged_macs`: `meta.MACS` as the cost model charges it) for `Segment.macs`. Needs `edgecut.trace` (and, for
+multi-exit graphs, `insert_exits`) before. Does not modify `gm`.
 """
 from __future__ import annotations
 
-import heapq
 import math
 import torch.fx as fx
 
 from edgecut.codegen.manifest import ExitSpec, Route, Segment
+from edgecut.costmodel.features import folded_into_conv, fused_into, work_features
 from edgecut.errors import CodegenError
 from edgecut.frontend import meta
 from edgecut.types import PlanTable
@@ -69,12 +72,17 @@ def _plans(plans) -> tuple:
 
 
 def split(gm: fx.GraphModule, plans, exits: list[ExitSpec] | None = None):
-    """Segments and one Route per plan (a PlanTable or Plans): (segments, {plan id: Route}, exits)."""
+    """Segments and one Route per plan (a PlanTable or Plans): (segments, {plan id: Route}, exits).
+
+    A route's device part is one segment per early-exit check span (the device nodes up to the
+    first check's branch point, then up to the next, ...), each check's head one segment, and its
+    edge part one segment, so a route makes exactly as many library calls as its checks need,
+    however many cuts the artifact offers. Segments equal in nodes, inputs and outputs are
+    shared by the routes that use them."""
     plans = _plans(plans)
     exits = exits if exits is not None else exit_specs(gm, plans)
     by_id = {e.id: e for e in exits}
     nodes = {n.name: n for n in gm.graph.nodes}
-    order = {name: i for i, name in enumerate(nodes)}
     for p in plans:
         if p.exit not in by_id:
             raise CodegenError(f"plan {p.id!r} names exit {p.exit}, but the graph has exits "
@@ -87,99 +95,80 @@ def split(gm: fx.GraphModule, plans, exits: list[ExitSpec] | None = None):
         if e.output not in nodes:
             raise CodegenError(f"exit {e.id}: logits node {e.output!r} is not in the graph")
     anc = {e.id: _ancestors(nodes[e.output]) for e in exits}
-    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
     for p in plans:
-        device = set(p.cut.device) | set(placeholders)
+        device = set(p.cut.device) | placeholders
         for name in sorted(device & anc[p.exit], key=list(nodes).index):
             missing = [a.name for a in nodes[name].all_input_nodes if a.op != "get_attr" and a.name not in device]
             if missing:
                 raise CodegenError(f"plan {p.id!r}: cut {p.cut.name!r} puts {name!r} on the device but not its "
                                    f"input {missing[0]!r}; a cut's device set must be closed under predecessors")
-    cuts = sorted({frozenset(p.cut.device) for p in plans}, key=lambda s: (len(s), sorted(s)))
+    made: dict[tuple, Segment] = {}
 
-    # 1. signatures -> atoms (segments)
-    wanted = set().union(*anc.values()) - set(placeholders)
-    sig_of = {name: (tuple(name in c for c in cuts), tuple(name in anc[e.id] for e in exits))
-              for name in wanted}
-    groups: dict[tuple, list[str]] = {}
-    for name in sorted(wanted, key=order.__getitem__):
-        groups.setdefault(sig_of[name], []).append(name)
-    atom_of = {n: sig for sig, members in groups.items() for n in members}
+    def segment(members: list[str], outputs) -> str:
+        key = (tuple(members), _inputs_of(members, nodes), tuple(o for o in members if o in outputs))
+        if key not in made:
+            made[key] = Segment(f"seg{len(made)}", *key, macs=round(sum(charged_macs(nodes[m]) for m in members)))
+        return made[key].name
 
-    # 2. order atoms topologically; an atom is ready as soon as the nodes it reads exist, so a
-    #    head is placed right after its branch point (early exits stop early)
-    def inputs_of(members):
-        ins, own = [], set(members)
-        for m in members:
-            for a in nodes[m].all_input_nodes:
-                if a.op != "get_attr" and a.name not in own and a.name not in ins:
-                    ins.append(a.name)
-        return ins
-
-    atom_inputs = {sig: inputs_of(ms) for sig, ms in groups.items()}
-    deps = {sig: {atom_of[i] for i in atom_inputs[sig] if i in atom_of} for sig in groups}
-    key = {sig: (max((order[i] for i in atom_inputs[sig]), default=-1), order[groups[sig][0]]) for sig in groups}
-    ready = [(key[s], s) for s in groups if not deps[s]]
-    heapq.heapify(ready)
-    topo, done = [], set()
-    while ready:
-        _, s = heapq.heappop(ready)
-        topo.append(s)
-        done.add(s)
-        for t in groups:
-            if t not in done and deps[t] and deps[t] <= done and all(r[1] != t for r in ready):
-                heapq.heappush(ready, (key[t], t))
-    assert len(topo) == len(groups), "segment graph has a cycle"
-
-    # 3. segments: outputs are the nodes read by another segment or that are exit logits
-    read_elsewhere = {i for s in groups for i in atom_inputs[s]} | {e.output for e in exits}
-    segments, name_of = [], {}
-    for k, sig in enumerate(topo):
-        members = groups[sig]
-        name_of[sig] = f"seg{k}"
-        segments.append(Segment(f"seg{k}", tuple(members), tuple(atom_inputs[sig]),
-                                tuple(m for m in members if m in read_elsewhere)))
-    seg_by_name = {s.name: s for s in segments}
-
-    # 4. one route per plan
-    routes = {}
-    for p in plans:
-        routes[p.id] = _route(p, seg_by_name, [name_of[s] for s in topo], groups, topo, anc, exits,
-                              set(placeholders), nodes)
-    return segments, routes, exits
+    routes = {p.id: _route(p, segment, nodes, anc, exits, placeholders) for p in plans}
+    return list(made.values()), routes, exits
 
 
-def _route(plan, seg_by_name, seg_order, groups, topo, anc, exits, placeholders, nodes) -> Route:
-    need = anc[plan.exit]
-    device_set = set(plan.cut.device) | placeholders
-    mine = [(name, groups[sig]) for name, sig in zip(seg_order, topo) if set(groups[sig]) <= need]
-    dev = [name for name, ms in mine if ms[0] in device_set]
-    edge = [name for name, ms in mine if ms[0] not in device_set]
-    computed, after = set(placeholders), [set(placeholders)]
-    for name in dev:
-        missing = [i for i in seg_by_name[name].inputs if i not in computed]
-        if missing:
-            raise CodegenError(f"plan {plan.id!r}: cut {plan.cut.name!r} puts {seg_by_name[name].nodes[0]!r} "
-                               f"on the device but not its input {missing[0]!r}; a cut's device set must "
-                               "be closed under predecessors")
-        computed.update(seg_by_name[name].nodes)
-        after.append(set(computed))
-    edge_reads = {i for name in edge for i in seg_by_name[name].inputs}
+def charged_macs(node: fx.Node) -> float:
+    """The MACs the cost model charges `node` (`meta.MACS`, Winograd's share of a 3x3 conv; 0 for
+    an epilogue fused into its producer or a batch norm folded into a conv): the work the
+    compiled code does for it, and what `runtime.emulate.DeviceModel` times."""
+    if meta.KIND not in node.meta:
+        return float(node.meta.get(meta.MACS) or 0)
+    if node.meta[meta.KIND] in meta.NO_COST_KINDS or folded_into_conv(node) or fused_into(node):
+        return 0.0
+    return work_features(node)["macs"]
+
+
+def _inputs_of(members, nodes) -> tuple:
+    """The tensors `members` read from outside, in order of first use (no weights)."""
+    ins, own = [], set(members)
+    for m in members:
+        for a in nodes[m].all_input_nodes:
+            if a.op != "get_attr" and a.name not in own and a.name not in ins:
+                ins.append(a.name)
+    return tuple(ins)
+
+
+def _route(plan, segment, nodes, anc, exits, placeholders) -> Route:
     order = list(nodes)
-    crossing = sorted(edge_reads & computed, key=order.index)
-    # early exits: exits before the plan's whose heads can run on what the device computes
-    checks = []
+    need = anc[plan.exit]
+    computed = (set(plan.cut.device) & need) | placeholders
+    dev = [n for n in order if n in computed and n not in placeholders]
+    edge = [n for n in order if n in need and n not in computed]
+    at = {n: i + 1 for i, n in enumerate(dev)}       # device nodes done once this node is
+    # early exits: exits before the plan's whose heads can run on what the device computes;
+    # a head runs as soon as the device nodes it reads exist
+    heads = []
     for e in exits:
-        if e.id >= plan.exit or math.isnan(e.threshold) or e.output in computed:
+        if e.id >= plan.exit or math.isnan(e.threshold) or e.output in computed or e.point not in computed:
             continue
-        head = [name for name, sig in zip(seg_order, topo) if set(groups[sig]) <= anc[e.id] and name not in dev]
-        own = {n for h in head for n in seg_by_name[h].nodes}
-        reads = {i for h in head for i in seg_by_name[h].inputs} - own
-        k = next((k for k, have in enumerate(after) if reads <= have), None)
-        if k is not None and e.point in computed:
-            checks.append((k, e.id, tuple(head)))
-    checks.sort(key=lambda c: (c[0], c[1]))
-    return Route(plan.id, plan.exit, tuple(dev), tuple(edge), tuple(crossing), tuple(checks))
+        head = [n for n in order if n in anc[e.id] and n not in computed]
+        reads = set(_inputs_of(head, nodes))
+        if reads <= computed:
+            heads.append((max((at.get(r, 0) for r in reads), default=0), e, head))
+    bounds = sorted({0, len(dev), *(pos for pos, _, _ in heads)})
+    spans = [dev[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    edge_reads = set(_inputs_of(edge, nodes))
+    crossing = tuple(n for n in order if n in edge_reads)
+    # a span returns what later spans, heads or the edge read, and the plan's logits
+    later = [set(_inputs_of(s, nodes)) for s in spans]
+    wanted = edge_reads | {r for _, _, h in heads for r in _inputs_of(h, nodes)} | {_logits(plan, exits)}
+    device = tuple(segment(s, wanted | set().union(*later[k + 1:])) for k, s in enumerate(spans))
+    checks = sorted(((sum(1 for b in bounds[1:] if b <= pos), e.id, (segment(h, {e.output}),))
+                     for pos, e, h in heads), key=lambda c: (c[0], c[1]))
+    edge_seg = (segment(edge, {_logits(plan, exits)}),) if edge else ()
+    return Route(plan.id, plan.exit, device, edge_seg, crossing, tuple(checks))
+
+
+def _logits(plan, exits) -> str:
+    return next(e.output for e in exits if e.id == plan.exit)
 
 
 def segment_module(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:

@@ -113,18 +113,12 @@ class Remote:
 
     # --- the device ---------------------------------------------------------------------------
     def _export(self, built) -> Path:
-        """`built` cross-compiled for the target, in a fresh file (a library path is loaded once).
-        The triple of the packed imports comes from the target's compiler: `cross_compiler(cc)`
-        alone asks the host's g++, which breaks programs without kernels (a lone dropout)."""
-        from tvm.support import cc
+        """`built` cross-compiled for the target, in a fresh file (a library path is loaded once)."""
+        from edgecut.codegen.artifact import export_library
 
         self._n += 1
         path = Path(self._tmp.name, f"edgecut_bench_{self._n}.so")
-        fcompile = None
-        if self.target.cc:
-            fcompile = cc.cross_compiler(self.target.cc,
-                                         get_target_triple=cc.get_target_by_dump_machine(self.target.cc))
-        built.executable.export_library(str(path), fcompile=fcompile)
+        export_library(built, path, self.target)
         return path
 
     def _load(self, path: Path, what: str, on_upload=None):

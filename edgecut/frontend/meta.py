@@ -44,11 +44,12 @@ CONV, DWCONV, LINEAR = "conv", "dwconv", "linear"
 MAXPOOL, AVGPOOL, ADAPTIVE_POOL = "maxpool", "avgpool", "adaptivepool"
 RELU, ACTIVATION = "relu", "activation"
 LRN, DROPOUT, BN = "lrn", "dropout", "bn"
+NORM, ATTENTION = "norm", "attention"  # layer/group/instance norm; scaled dot-product attention
 ADD, MUL, CONCAT, RESHAPE = "add", "mul", "concat", "reshape"
 OTHER = "other"
 
 KINDS = (INPUT, OUTPUT, PARAM, CONV, DWCONV, LINEAR, MAXPOOL, AVGPOOL, ADAPTIVE_POOL, RELU,
-         ACTIVATION, LRN, DROPOUT, BN, ADD, MUL, CONCAT, RESHAPE, OTHER)
+         ACTIVATION, LRN, DROPOUT, BN, ADD, MUL, CONCAT, RESHAPE, NORM, ATTENTION, OTHER)
 
 # Kinds that are pure bookkeeping: they carry no cost of their own.
 NO_COST_KINDS = frozenset({INPUT, OUTPUT, PARAM})

@@ -60,6 +60,11 @@ def _is_param(n: fx.Node) -> bool:
     return n.op == "get_attr" or n.meta.get(meta.KIND) == meta.PARAM
 
 
+def _one_tensor(n: fx.Node) -> bool:
+    shape = n.meta.get(meta.SHAPE)
+    return isinstance(shape, tuple) and all(isinstance(d, int) for d in shape)
+
+
 def _seconds(n: fx.Node, key: str) -> float:
     if n.op in ("placeholder", "output") or n.meta.get(meta.KIND) in meta.NO_COST_KINDS:
         return 0.0
@@ -150,6 +155,8 @@ class CutProblem:
                                 "edgecut.passes.analyze (edgecut.trace does) before solving")
             self.out_bytes.append(int(b))
         self.sinks = sorted({idx[s] for s in sinks if s in idx})
+        # a value that is not one tensor (split's tuple, an int) cannot be sent: never crossing
+        self.sendable = [_one_tensor(n) for n in order]
         self.accuracy = float(exit.get("accuracy", math.nan))
 
     # -- evaluating cuts -------------------------------------------------------------------
@@ -171,6 +178,10 @@ class CutProblem:
             up_bytes=sum(self.out_bytes[i] for i in crossing),
             down_bytes=sum(self.out_bytes[s] for s in self.sinks if not on[s]),
             offloaded=not all(on))
+
+    def can_send(self, cc: CutCost) -> bool:
+        """Whether every value `cc` sends is one tensor."""
+        return all(self.sendable[i] for i in cc.crossing)
 
     def device_only(self) -> CutCost:
         return self.cost(range(self.n))
@@ -199,7 +210,7 @@ class CutProblem:
             open_ = {u for u in open_ if last[u] > i}
             if last[i] > i:
                 open_.add(i)
-            if open_ == {i} and not self.forced[i]:
+            if open_ == {i} and not self.forced[i] and self.sendable[i]:
                 out.append(i)
         return out
 
@@ -223,6 +234,7 @@ class CutProblem:
         sub.params = self.params[start:end + 1]
         sub.device_s, sub.edge_s = self.device_s[start:end + 1], self.edge_s[start:end + 1]
         sub.out_bytes = self.out_bytes[start:end + 1]
+        sub.sendable = self.sendable[start:end + 1]
         sub.sinks = [s - start for s in self.sinks if start <= s <= end]
         return sub
 
@@ -234,7 +246,9 @@ class CutProblem:
         for bits in itertools.product((False, True), repeat=len(free)):
             on = set(base) | {i for i, b in zip(free, bits) if b}
             if all(p in on for i in on for p in self.preds[i]):
-                yield self.cost(on)
+                cc = self.cost(on)
+                if self.can_send(cc):
+                    yield cc
 
 
 def cut_problem(gm: fx.GraphModule, exit_id: int | None = None) -> CutProblem:
@@ -250,9 +264,25 @@ def find_cuts(gm: fx.GraphModule, exit_id: int | None = None) -> list[Cut]:
     return [p.to_cut(c) for c in p.chain_cuts()]
 
 
+# Costs within this relative distance are a tie: sums of the same per-node seconds in another
+# order differ in the last bits, and letting that noise decide made plan tables flap.
+TIE = 1e-9
+
+
+def prefer(cuts, value):
+    """The cut of least `value(cut)`; among those within `TIE` of it, the one with the most
+    nodes on the device, then the latest ones. A tie then never cuts between a layer and the
+    activation fused into it (conv | relu: the relu's fused epilogue costs the same on both
+    sides), and the same problem always gives the same cut."""
+    scored = [(value(c), c) for c in cuts]
+    best = min(v for v, _ in scored)
+    near = best + TIE * abs(best)
+    return max((c for v, c in scored if v <= near), key=lambda c: (len(c.device), sorted(c.device, reverse=True)))
+
+
 def best_of(cuts, link: Link) -> CutCost:
-    """The lowest-latency cut among `cuts` (the first on ties)."""
-    return min(cuts, key=lambda c: c.latency(link))
+    """The lowest-latency cut among `cuts` (on ties, see `prefer`)."""
+    return prefer(cuts, lambda c: c.latency(link))
 
 
 def brute_force_cut(gm: fx.GraphModule, link: Link, exit_id: int | None = None, max_nodes: int = 20) -> Cut:

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import networkx as nx
 from networkx.algorithms.flow import preflow_push
 
-from edgecut.passes.find_cuts import CutCost, CutProblem
+from edgecut.passes.find_cuts import TIE, CutCost, CutProblem, prefer
 from edgecut.types import Link
 
 PS = 1e12  # capacity units per second
@@ -82,9 +82,12 @@ class DadsNetwork:
             for u in p.preds[i]:
                 add(v, node(u), None)  # no device node after an edge node
             b, succ = p.out_bytes[i], p.succs[i]
-            if succ and b > 0:
+            if succ and (b > 0 or not p.sendable[i]):
                 tail = node(succ[0]) if len(succ) == 1 else ("x", i)
-                add(v, tail, 0, b)  # the transfer, once however many edge nodes use it
+                if p.sendable[i]:
+                    add(v, tail, 0, b)  # the transfer, once however many edge nodes use it
+                else:
+                    add(v, tail, None)  # not one tensor: never sent
                 if len(succ) > 1:
                     for c in succ:
                         add(tail, node(c), None)
@@ -175,7 +178,7 @@ class Block:
 
     def cut(self, lam: float) -> CutCost:
         if self.cuts is not None:
-            return min(self.cuts, key=lambda c: (_value(c.line(), lam), -len(c.device)))
+            return prefer(self.cuts, lambda c: _value(c.line(), lam))
         merged = _merges(self.sub, lam, min(_value(b, lam) for b in self.bounds))
         if merged is None:
             return self.net.cut(lam)
@@ -233,7 +236,7 @@ def _all_cuts(p: CutProblem, cap: int) -> list[CutCost] | None:
         sets = [s + (on,) for s in sets for on in (False, True) if not on or all(s[j] for j in p.preds[i])]
         if len(sets) > cap:
             return None
-    return [p.cost(i for i, on in enumerate(s) if on) for s in sets]
+    return [cc for cc in (p.cost(i for i, on in enumerate(s) if on) for s in sets) if p.can_send(cc)]
 
 
 class MinCut:
@@ -257,7 +260,10 @@ class MinCut:
         self._global = {}
 
     def _best(self, per_block: list, lam: float) -> CutCost:
-        k = min(range(len(self.blocks)), key=lambda j: _value(self.blocks[j].line(per_block[j]), lam))
+        value = [_value(b.line(c), lam) for b, c in zip(self.blocks, per_block)]
+        near = min(value) * (1 + TIE)  # on a tie, the cut with the most on the device (`prefer`)
+        k = max((j for j in range(len(self.blocks)) if value[j] <= near),
+                key=lambda j: (self.blocks[j].start + len(per_block[j].device), j))
         key = (k, per_block[k].device)
         if key not in self._global:
             self._global[key] = self.blocks[k].to_global(self.problem, per_block[k])
@@ -304,14 +310,14 @@ def envelope(cut_at, lams) -> list[CutCost]:
         stack += [(l1, c1, x, c), (x, c, l2, c2)]
     if stack:  # did not converge (float trouble): cut at every rate
         return [cut_at(x) for x in lams]
-    return [min(lines, key=lambda c: (_value(c.line(), x), -len(c.device))) for x in lams]
+    return [prefer(lines, lambda c: _value(c.line(), x)) for x in lams]
 
 
 def local_or(problem: CutProblem, cut: CutCost, link: Link) -> CutCost:
     """`cut` (a min cut) with the link's fixed cost paid, or device-only if that is faster (or
-    as fast): the min cut is the best offloading cut, so one of the two is the best cut."""
+    as fast, within `TIE`): the min cut is the best offloading cut, so one of the two is the best cut."""
     local = problem.device_only()
-    if cut.offloaded and cut.latency(link) < local.latency(link):
+    if cut.offloaded and cut.latency(link) * (1 + TIE) < local.latency(link):
         return cut
     return local
 

@@ -1,8 +1,8 @@
 """The plan per bandwidth range: what the device switches between online as bandwidth moves.
 
 `plan_table(gm, deadline)` solves on a log grid of bandwidths (50 kbit/s .. 1 Gbit/s, 64 points
-by default) and merges adjacent grid points with the same plan (same exit, same cut, same
-feasibility) into one range; `PlanTable.bounds[i]` is the lowest bandwidth of range i and its
+by default) and merges adjacent grid points whose plans differ in neither exit, crossing bytes
+nor feasibility (`range_key`) into one range; `PlanTable.bounds[i]` is the lowest bandwidth of range i and its
 plan is the one predicted at that bandwidth (the slowest link of the range).
 
 Work is shared across bandwidths. Only the transfer capacities depend on the bandwidth: a cut
@@ -24,7 +24,8 @@ from edgecut.errors import UsageError
 from edgecut.passes.find_cuts import CutCost, CutProblem, exit_specs
 from edgecut.passes.mincut import MinCut, local_or
 from edgecut.passes.solve import check_args, exit_order, infeasible, make_plan
-from edgecut.planning import GRID_POINTS, HIGH_BANDWIDTH, LOW_BANDWIDTH, bandwidth_grid  # noqa: F401 (re-exported)
+from edgecut.planning import (GRID_POINTS, HIGH_BANDWIDTH, LOW_BANDWIDTH,  # noqa: F401 (re-exported)
+                              bandwidth_grid, range_key)
 from edgecut.types import Link, PlanTable
 from edgecut.units import format_bandwidth
 
@@ -67,8 +68,9 @@ def plan_table(gm: fx.GraphModule, deadline: float = math.inf, rtt: float = 0.0,
                    f"at {len(short)} of {len(bws)} bandwidths (up to {format_bandwidth(max(short))})")
     bounds, merged = [], []
     for bw, plan in zip(bws, plans):
-        if merged and merged[-1].same_choice(plan) and merged[-1].feasible == plan.feasible:
+        if merged and range_key(merged[-1]) == range_key(plan):
             continue
         bounds.append(bw)
         merged.append(plan)
     return PlanTable(tuple(bounds), tuple(merged), float(deadline))
+

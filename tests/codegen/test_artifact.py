@@ -11,7 +11,7 @@ from edgecut import zoo
 from edgecut.cli import main as cli
 from edgecut.codegen.artifact import build_artifact
 from edgecut.codegen.load import load
-from edgecut.codegen.manifest import FORMAT_VERSION, MANIFEST, Manifest, max_error
+from edgecut.codegen.manifest import FORMAT_VERSION, MANIFEST, Manifest, load_arrays, max_error
 from edgecut.errors import ArtifactError, CodegenError
 from edgecut.frontend import meta
 from edgecut.passes.insert_exits import insert_exits
@@ -58,7 +58,14 @@ def test_layout_and_manifest(built):
     assert again.table == table and again.routes == manifest.routes and again.files == manifest.files
     for seg in manifest.segments:
         assert (out / "onnx" / f"{seg.name}.onnx").is_file()
-        assert (out / "device" / f"{seg.name}.so").is_file() and (out / "edge" / f"{seg.name}.params").is_file()
+        sides = [lib.side for lib in manifest.libraries if lib.segment == seg.name]
+        assert sides and all((out / side / f"{seg.name}.so").is_file() and (out / side / f"{seg.name}.params").is_file()
+                             for side in sides)
+    for side in ("device", "edge"):       # every weight once per side, shared by the libraries using it
+        assert (out / side / "weights.msgpack").is_file() and f"{side}/weights.msgpack" in manifest.files
+        store = load_arrays(out / side / "weights.msgpack")
+        refs = [r["ref"] for lib in manifest.libraries if lib.side == side for r in load_arrays(out / lib.params)]
+        assert set(refs) == set(store) and len(store) < len(refs)     # overlapping libraries share weights
     assert all(len(h) == 64 for h in manifest.files.values())
     assert manifest.versions["tvm"] and manifest.targets["device"]["name"] == "local"
     assert all(c["tvm_vs_torch"] <= 1e-4 and c["onnx_vs_tvm"] <= 1e-4 for c in manifest.checks.values())
@@ -149,24 +156,6 @@ def test_early_exit_and_synthesized_fallback(tmp_path):
         assert res.done and max_error(res.outputs["logits"], want[0]) <= 1e-4
 
 
-def test_onnxruntime_backend_for_an_op_tvm_lacks(tmp_path):
-    import edgecut
-    from torch import nn
-
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardshrink(0.1), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
-    x = torch.randn(1, 3, 8, 8)
-    gm = edgecut.trace(model, x)
-    table = make_table(gm, three_cuts(gm, ["_1"]) if "_1" in {n.name for n in gm.graph.nodes} else
-                       three_cuts(gm, [list(gm.graph.nodes)[2].name]))
-    with pytest.raises(CodegenError, match="Hardshrink"):
-        build_artifact(gm, table, "local", "local", tmp_path / "tvm", (x,), progress=False)
-    build_artifact(gm, table, "local", "local", tmp_path / "ort", (x,), backend="onnxruntime", progress=False)
-    with pytest.raises(ArtifactError, match="onnxruntime"):
-        load(tmp_path / "ort", "device")
-    res = chain(tmp_path / "ort", table.plans[1].id, x.numpy(), backend="onnxruntime")
-    assert max_error(res.outputs["logits"], model(x).detach().numpy()) <= 1e-4
-
-
 def test_cuda_edge_compiles(tmp_path):
     import edgecut
 
@@ -203,3 +192,47 @@ def test_zoo_three_cuts_reproduce_pytorch(name, tmp_path):
     for plan in table.plans:
         res = chain(tmp_path, plan.id, x.numpy())
         assert res.done and max_error(res.outputs["logits"], want) <= 1e-4, (name, plan.id)
+
+
+def test_manifest_candidates_round_trip_and_old_manifests(built):
+    name, model, x, table, out, manifest = built
+    assert {p.id for p in manifest.candidates} == {p.id for p in (*table.plans, manifest.fallback)}
+    assert set(manifest.routes) == {p.id for p in manifest.candidates}
+    assert Manifest.from_dict(manifest.to_dict()).candidates == manifest.candidates
+    old = manifest.to_dict()
+    del old["candidates"]
+    for seg in old["segments"]:
+        del seg["macs"]
+    for lib in old["libraries"]:
+        del lib["weights"]
+    again = Manifest.from_dict(old)         # written before candidates: the table's plans and the fallback
+    assert [p.id for p in again.candidates] == list(dict.fromkeys(p.id for p in (*table.plans, manifest.fallback)))
+    assert all(s.macs == 0 for s in again.segments) and all(lib.weights == "" for lib in again.libraries)
+
+
+def test_a_route_calls_one_library_per_check_span_however_many_cuts(tmp_path):
+    """tiny_chain with an exit after pool1 (checked, never firing) and cuts all along
+    the backbone: each route calls its device spans, one head per check, and one edge library."""
+    import edgecut
+
+    model, x = zoo.get("tiny_chain"), torch.randn(1, 3, 16, 16)
+    tv = insert_exits(edgecut.trace(model, x), ["pool1"])
+    tv.meta[meta.EXITS][0]["threshold"] = 0.0          # entropy is never below 0: the head runs, never stops
+    names = ["relu1", "pool1", "relu2", "fc"]
+    cuts = [(1, make_cut(tv, [], "input", 1))] + [(1, make_cut(tv, [n], n, 1)) for n in names]
+    m = build_artifact(tv, make_table(tv, cuts), "local", "local", tmp_path / "a", (x,), onnx=False, progress=False)
+    want = [t.detach().numpy() for t in tv(x)]
+    calls = []
+    dev, edge = load(tmp_path / "a", "device"), load(tmp_path / "a", "edge")
+    for part in (dev, edge):
+        part._run = {k: (lambda ins, fn=fn, k=k: calls.append(k) or fn(ins)) for k, fn in part._run.items()}
+    for plan_id, r in m.routes.items():
+        calls.clear()
+        res = dev.run(plan_id, {"x": x.numpy()})
+        if not res.done:
+            res = edge.run(plan_id, res.outputs)
+        assert res.exit_id == r.exit and max_error(res.outputs["logits"], want[r.exit]) <= 1e-4, plan_id
+        on_device = {n for s in m.segments if s.name in r.device for n in s.nodes}
+        spans = 0 if not on_device else 2 if "conv2" in on_device else 1   # split at exit 0's branch point only
+        assert len(r.device) == spans and len(r.checks) == ("pool1" in on_device), plan_id
+        assert len(calls) == spans + len(r.checks) + (1 if r.edge else 0), plan_id

@@ -8,7 +8,7 @@ from torch import nn
 
 import edgecut
 from edgecut.codegen.importer import import_segment
-from edgecut.codegen.segment import segment_module, split
+from edgecut.codegen.segment import charged_macs, segment_module, split
 from edgecut.errors import CodegenError
 from edgecut.frontend import meta
 from edgecut.passes.insert_exits import insert_exits
@@ -47,7 +47,8 @@ def test_chain_three_cuts(tiny):
     model, x, gm = tiny("tiny_chain")
     table = make_table(gm, three_cuts(gm, ["pool1"]))
     segs, routes, exits = split(gm, table)
-    assert len(segs) == 2                                 # the middle cut is the only boundary
+    assert len(segs) == 3        # the whole model (input and device share it), and each side of the middle cut
+    assert routes["e0/input"].edge == routes["e0/device"].device
     assert routes["e0/input"].device == () and routes["e0/input"].crossing == ("x",)
     assert routes["e0/mid"].crossing == ("pool1",)
     assert routes["e0/device"].edge == () and routes["e0/device"].crossing == ()
@@ -67,13 +68,20 @@ def test_dag_cut_crosses_several_tensors(tiny):
         assert torch.equal(got, model(x))
 
 
-def test_nested_cuts_make_one_segment_per_interval(tiny):
+def test_a_route_pays_one_call_per_side_whatever_other_cuts_exist(tiny):
     model, x, gm = tiny("tiny_chain")
     cuts = [make_cut(gm, [n], n) for n in ("conv1", "pool1", "relu2", "fc")]
-    segs, routes, _ = split(gm, make_table(gm, cuts))
-    assert [s.nodes for s in segs] == [("conv1",), ("relu1", "pool1"), ("conv2", "relu2"),
-                                       ("pool2", "flatten", "fc")]
-    assert routes["e0/relu2"].device == ("seg0", "seg1", "seg2") and routes["e0/relu2"].edge == ("seg3",)
+    segs, routes, exits = split(gm, make_table(gm, cuts))
+    by_name = {s.name: s for s in segs}
+    r = routes["e0/relu2"]
+    assert len(r.device) == 1 and len(r.edge) == 1
+    assert by_name[r.device[0]].nodes == ("conv1", "relu1", "pool1", "conv2", "relu2")
+    assert by_name[r.edge[0]].nodes == ("pool2", "flatten", "fc") and by_name[r.edge[0]].inputs == ("relu2",)
+    assert by_name[r.device[0]].macs == round(sum(charged_macs(n) for n in gm.graph.nodes
+                                                  if n.name in by_name[r.device[0]].nodes)) > 0
+    for route in routes.values():
+        _, got = run_route(gm, segs, route, x, exits=exits)
+        assert torch.equal(got, model(x)), route.plan_id
 
 
 def test_multi_exit_routes_and_early_exit(tiny):
@@ -89,7 +97,8 @@ def test_multi_exit_routes_and_early_exit(tiny):
     assert r.checks and r.checks[0][1] == 0               # exit 0's head may stop it on the device
     head_nodes = {n for h in r.checks[0][2] for s in segs if s.name == h for n in s.nodes}
     assert exits[0].output in head_nodes and "conv2" not in head_nodes
-    assert r.checks[0][0] <= r.device.index(next(s.name for s in segs if "conv2" in s.nodes))
+    assert r.checks[0][0] == 1 and len(r.device) == 2      # one span to the branch point, one after it
+    assert "conv2" in next(s.nodes for s in segs if s.name == r.device[1])
     eid, got = run_route(tv, segs, r, x, early_exit=True, exits=exits)
     assert eid == 0 and torch.equal(got, want[0])
     eid, got = run_route(tv, segs, r, x, early_exit=False, exits=exits)
@@ -127,22 +136,23 @@ def test_unknown_node_and_exit(tiny):
                                           Plan(3, make_cut(gm, [], "b"), 0, 0, 0))))
 
 
-def test_unsupported_op_names_op_node_and_onnxruntime():
+def test_unsupported_op_names_op_and_node():
+    from edgecut.codegen.importer import ImportFailed
+
     class M(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)
-            self.shrink = nn.Hardshrink()
 
         def forward(self, x):
-            return self.shrink(self.conv(x))
+            return torch.linalg.det(self.conv(x))
 
     x = torch.randn(1, 3, 8, 8)
     gm = edgecut.trace(M().eval(), x)
-    with pytest.raises(CodegenError) as e:
+    with pytest.raises(ImportFailed) as e:
         import_segment(gm, [(x.shape, "float32")], name="seg0")
-    msg = str(e.value)
-    assert "Hardshrink" in msg and "'shrink'" in msg and 'backend="onnxruntime"' in msg
+    assert e.value.op == "_linalg_det.default" and e.value.node == "linalg_det"
+    assert "segment seg0" in str(e.value) and "torch.export" in str(e.value) and "fx" in str(e.value)
 
 
 def test_lrn_imports_and_matches_torch():

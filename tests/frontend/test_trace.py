@@ -89,3 +89,33 @@ def test_leaf_module_makes_it_traceable():
 def test_trace_rejects_non_module():
     with pytest.raises(TraceError, match="nn.Module"):
         edgecut.trace(lambda x: x, torch.randn(1))
+
+
+class _FxStops(nn.Module):
+    def forward(self, x):
+        if int(x.shape[-1]) > 2:       # torch.fx stops here, torch.export does not
+            x = x * 2
+        return x
+
+
+class _ExportStops(nn.Module):
+    def forward(self, x):
+        return x + float(x.mean().item() > 0)   # a value of the data: torch.export stops here
+
+
+class _TwoPlaces(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.conv, self.second = _FxStops(), nn.Conv2d(3, 3, 1), _ExportStops()
+
+    def forward(self, x):
+        return self.second(self.conv(self.first(x)))
+
+
+def test_the_error_says_where_torch_export_stopped_when_fx_stopped_elsewhere():
+    with pytest.raises(TraceError) as e:
+        edgecut.trace(_TwoPlaces().eval(), torch.randn(1, 3, 4, 4))
+    head, fx_line = str(e.value).splitlines()[:2]
+    assert head.startswith("cannot trace _TwoPlaces: module 'second' (_ExportStops); operation: TypeError: float()")
+    assert "x.mean().item() > 0" in head and "test_trace.py" in head
+    assert "module 'first' (_FxStops)" in fx_line and "int(x.shape[-1]) > 2" in fx_line

@@ -66,9 +66,16 @@ def _schedule_one_reduction(sch, blocks, main, lanes):
     for b in reversed(blocks[:idx]):
         if light or not has_if_then_else(sch, b):
             _try(sch.compute_inline, b)
-    # consumers: fold the element-wise chain into one block that runs per output tile
+    # consumers: fold the element-wise chain into one block that runs per output tile. A value
+    # read twice (SiLU's x * sigmoid(x), hardswish) first goes into its one reader, so the chain
+    # is linear: reverse-inlining a block whose output another block still reads leaves that
+    # read dangling ("T_add_intermediate is used before its definition" at lowering)
+    for b in blocks[idx + 1:-1]:
+        if len(sch.get_consumers(b)) == 1:
+            _try(sch.compute_inline, b)
     for b in reversed(blocks[idx + 1:]):
-        _try(sch.reverse_compute_inline, b)
+        if _alive(sch, b) and len(sch.get_producers(b)) == 1:
+            _try(sch.reverse_compute_inline, b)
     if not schedule_reduction(sch, main, lanes):
         schedule_outer_parallel(sch, main)
     root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
@@ -76,6 +83,14 @@ def _schedule_one_reduction(sch, blocks, main, lanes):
     for b in sch.get_child_blocks(root):
         if not _shares_outer_loop(sch, b, main_loops) and not _is_preproc(sch, b):
             schedule_injective(sch, b, lanes)
+
+
+def _alive(sch, block) -> bool:
+    try:
+        sch.get(block)
+        return True
+    except Exception:  # noqa: BLE001 - the block was inlined away
+        return False
 
 
 def _inline_data_movement(sch, blocks):
@@ -105,19 +120,76 @@ def _try(fn, *args) -> bool:
         return False
 
 
-def schedule_module(mod, target):
-    """Schedule every unscheduled PrimFunc in `mod` (an IRModule) for `target`. A function a rule
-    cannot handle stays unscheduled (correct, slow) and is logged as a warning."""
+def generic_schedule(func, target):
+    """`func` with the safe rule only: no inlining; every reduction's leading data-parallel loops
+    run in parallel, every other block flat parallel + vectorized (for kernels the rules above
+    cannot schedule correctly)."""
+    from tvm import s_tir
+    from tvm.ir import IRModule
+
+    lanes = vector_lanes(target)
+    sch = s_tir.Schedule(IRModule({"main": func}))
+    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
+    for b in sch.get_child_blocks(root):
+        _try(schedule_outer_parallel if is_reduction(sch, b) else
+             (lambda s, blk: schedule_injective(s, blk, lanes)), sch, b)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def lowers(func, target) -> str:
+    """"" if TVM's TIR pipeline lowers `func` for `target` (what `tvm.compile` runs before LLVM),
+    else the first line of its error: a schedule that passed every primitive can still leave IR
+    the lowering refuses (a buffer inlined away that a later block reads)."""
+    import tvm
+
+    from tvm import s_tir, tirx
+
+    t = s_tir.transform
+    passes = [t.CanonicalizeLoop(), t.LowerInitBlock(), t.PlanAndUpdateBufferAllocationLocation(),
+              t.ConvertBlocksToOpaque(), t.CompactBufferAllocation(), t.LowerMatchBuffer(),
+              t.StmtSimplify(), t.LowerOpaqueBlock(), tirx.transform.FlattenBuffer(),
+              tirx.transform.NarrowDataType(32), t.LoopPartition(), tirx.transform.VectorizeLoop(True),
+              tirx.transform.StorageRewrite()]
+    try:
+        mod = tirx.transform.BindTarget(tvm.target.Target(target))(tvm.IRModule({"main": func}))
+        tvm.transform.Sequential(passes)(mod)
+        return ""
+    except Exception as e:  # noqa: BLE001 - the reason is logged by the caller
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[-1][:200] if text else ''}"
+
+
+def schedule_module(mod, target, *, generic: bool = False):
+    """Schedule every unscheduled PrimFunc in `mod` (an IRModule) for `target`. A kernel the rules
+    cannot schedule, or whose schedule does not lower, gets `generic_schedule` (one log line names
+    it); if even that fails it stays unscheduled (TVM's default: correct, slow). `generic=True`
+    gives every kernel the generic schedule."""
     import tvm
 
     out = {}
     for gv, func in mod.functions_items():
-        if isinstance(func, tvm.tirx.PrimFunc):
+        if not isinstance(func, tvm.tirx.PrimFunc) or (
+                func.attrs is not None and "tirx.is_scheduled" in func.attrs):
+            continue
+        why = "generic schedules requested"
+        if not generic:
             try:
                 out[gv] = schedule_func(func, target)
+                why = lowers(out[gv], target)
             except Exception as e:  # noqa: BLE001 - never fail a build for want of a schedule
-                log.warning("edgecut schedules: %s left unscheduled (%s: %s)", gv.name_hint,
-                            type(e).__name__, str(e).strip().splitlines()[-1][:200] if str(e).strip() else "")
+                text = str(e).strip().splitlines()
+                why = f"{type(e).__name__}: {text[-1][:200] if text else ''}"
+            if not why:
+                continue
+            log.warning("edgecut schedules: %s gets the generic schedule (rule failed: %s)", gv.name_hint, why)
+        try:
+            out[gv] = generic_schedule(func, target)
+            if lowers(out[gv], target):
+                raise RuntimeError(lowers(out[gv], target))
+        except Exception as e:  # noqa: BLE001
+            log.warning("edgecut schedules: %s left unscheduled (%s: %s)", gv.name_hint, type(e).__name__,
+                        (str(e).strip().splitlines() or [""])[-1][:200])
+            out.pop(gv, None)
     for gv, func in out.items():
         mod[gv] = func
     return mod
