@@ -12,6 +12,12 @@ clean close of that connection only; the server keeps serving everyone else. One
 connection, when it closes. `shutdown()` (SIGTERM under `serve_forever`) stops accepting, lets the
 requests already received finish and answer, then closes.
 
+Where the compute runs is an executor per model (`runtime.executor`): `LocalExecutor`, the
+thread pool of this process (the default), or `runtime.tier.RayExecutor`, replicas on a Ray
+cluster (`edgecut serve --ray`). Everything else, the protocol, tokens, frame limits, deadlines
+and error replies, is this one code path. Several artifacts may be served at once: a device's
+hello names its model, and its connection is routed to that model's executor.
+
 At start the server times its edge parts (`runtime.calibration`: the valid calibration beside the
 artifact, or a new one) and sends {plan id: seconds} (the `quantile` of each part's time, p99 by
 default) in its welcome: devices plan with the edge's measured times, not the compile-time guess.
@@ -25,13 +31,13 @@ import signal
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 from edgecut.errors import ArtifactError, ProtocolError, UsageError
 from edgecut.planning import runnable_plans
 from edgecut.runtime import protocol as P
 from edgecut.runtime.calibration import ensure_calibration
+from edgecut.runtime.executor import Busy, Expired, LocalExecutor
 from edgecut.units import format_bytes
 
 log = logging.getLogger("edgecut.runtime.server")
@@ -48,12 +54,25 @@ def is_loopback(host: str) -> bool:
     return all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
-class _Expired(Exception):
-    pass
+@dataclass(frozen=True)
+class ServedModel:
+    """One artifact the server serves: its edge part, identity, plans, edge times, executor."""
+    part: object
+    model: str
+    manifest_sha256: str
+    plans: dict
+    calibration: object
+    edge_s: dict | None
+    executor: object
 
 
 class EdgeServer:
-    """Serve the edge side of `artifact` (a path, or a part from `edgecut.load(..., side="edge")`).
+    """Serve the edge side of `artifact` (a path, or a part from `edgecut.load(..., side="edge")`),
+    or of each artifact in a list (one per model name).
+
+    `executor`: None (a `LocalExecutor` of `workers` slots and `max_queue` waiting, per model) or
+    a function (part, artifact) -> executor (the tier: `RayExecutor`). `metrics`: a
+    `runtime.metrics.Metrics` to record into.
 
     `token` (bytes): devices must answer the HMAC-SHA256 challenge with it. Binding an address
     that is not loopback without a token raises UsageError unless `insecure=True`. `calibrate`:
@@ -64,36 +83,56 @@ class EdgeServer:
                  insecure: bool = False, backend: str = "tvm", max_frame: int = P.DEFAULT_MAX_FRAME,
                  workers: int = 2, max_queue: int = 64, request_timeout: float = 30.0,
                  handshake_timeout: float = 10.0, idle_timeout: float = 600.0, frame_timeout: float = 60.0,
-                 max_connections: int = 256, calibrate=True, quantile: float = 0.99):
+                 max_connections: int = 256, calibrate=True, quantile: float = 0.99, executor=None,
+                 metrics=None):
         if not token and not insecure and not is_loopback(host):
             raise UsageError(f"refusing to serve on {host!r} without a token: anyone who can reach it could use "
                              f"the server; pass --token-file FILE (devices need the same token), bind 127.0.0.1, "
                              f"or pass --insecure on a network you trust")
-        if hasattr(artifact, "run"):
-            self.part = artifact
-        else:
-            from edgecut.codegen.load import load
-            self.part = load(artifact, side="edge", backend=backend)
-        self.model, self.manifest_sha256 = P.manifest_identity(self.part)
-        self._plans = {p.id: p for p in runnable_plans(self.part.manifest)}
-        self.calibration = ensure_calibration(self.part, "edge", calibrate)
-        self.edge_s = self.calibration.seconds(quantile) if self.calibration else None
+        self.models: dict[str, ServedModel] = {}
+        self.metrics = metrics
+        try:
+            for art in (artifact if isinstance(artifact, (list, tuple)) else [artifact]):
+                self._add_model(art, backend, calibrate, quantile,
+                                executor or (lambda part, _: LocalExecutor(part, workers, max_queue)))
+        except BaseException:
+            self._close_executors()
+            raise
+        first = next(iter(self.models.values()))
+        self.part, self.model, self.manifest_sha256 = first.part, first.model, first.manifest_sha256
+        self._plans, self.calibration, self.edge_s = first.plans, first.calibration, first.edge_s
         self.host, self.port, self.token = host, port, (bytes(token) if token else None)
         self.max_frame, self.workers, self.max_queue = max_frame, workers, max_queue
         self.request_timeout, self.handshake_timeout = request_timeout, handshake_timeout
         self.idle_timeout, self.frame_timeout, self.max_connections = idle_timeout, frame_timeout, max_connections
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="edgecut-edge")
         self._lock = threading.Lock()
-        self._slot_free = threading.Condition(self._lock)
-        self._pending = 0       # requests admitted and not finished (busy beyond workers + max_queue)
-        self._running = 0       # requests computing now, on a connection thread or the pool: <= workers
-        self._waiting = 0       # requests queued for the pool, not yet computing
         self._conns: dict[threading.Thread, socket.socket] = {}
         self._stopping = threading.Event()
         self._stop_request = threading.Event()
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self.stats = {"connections": 0, "requests": 0, "errors": 0}
+
+    def _add_model(self, artifact, backend: str, calibrate, quantile: float, make_executor) -> None:
+        if hasattr(artifact, "run"):
+            part = artifact
+        else:
+            from edgecut.codegen.load import load
+            part = load(artifact, side="edge", backend=backend)
+        model, sha = P.manifest_identity(part)
+        if model in self.models:
+            raise UsageError(f"two artifacts of model {model!r}: serve one build per model name (a device's "
+                             f"hello names the model, so the server could not tell them apart)")
+        cal = ensure_calibration(part, "edge", calibrate)
+        executor = make_executor(part, None if hasattr(artifact, "run") else artifact)
+        hop = getattr(executor, "overhead_s", 0.0)      # the tier's front -> replica round trip
+        edge_s = {k: v + hop for k, v in cal.seconds(quantile).items()} if cal else None
+        plans = {p.id: p for p in runnable_plans(part.manifest)}
+        self.models[model] = ServedModel(part, model, sha, plans, cal, edge_s, executor)
+
+    def _close_executors(self) -> None:
+        for m in self.models.values():
+            m.executor.close()
 
     # ------------------------------------------------------------------------------ lifecycle
     @property
@@ -106,9 +145,9 @@ class EdgeServer:
         self._listener = socket.create_server((self.host, self.port), reuse_port=False, backlog=128)
         self._accept_thread = threading.Thread(target=self._accept_loop, name="edgecut-accept", daemon=True)
         self._accept_thread.start()
-        log.info("serving %s (manifest %s) on %s:%d, %d workers, queue %d, %s", self.model,
-                 self.manifest_sha256[:12], *self.address, self.workers, self.max_queue,
-                 "token required" if self.token else "no token")
+        for m in self.models.values():
+            log.info("serving %s (manifest %s) on %s:%d, %s executor, %s", m.model, m.manifest_sha256[:12],
+                     *self.address, m.executor.where, "token required" if self.token else "no token")
         return self
 
     def serve_forever(self, handle_signals: bool = True, drain_timeout: float = 30.0) -> None:
@@ -134,7 +173,8 @@ class EdgeServer:
             self._accept_thread.join()
         with self._lock:
             conns = dict(self._conns)
-        log.info("draining %d connection(s), %d request(s) in flight", len(conns), self._pending)
+        log.info("draining %d connection(s), %d request(s) in flight", len(conns),
+                 sum(m.executor.pending for m in self.models.values()))
         for sock in conns.values():      # no new frames; a request already read still gets its reply
             try:
                 sock.shutdown(socket.SHUT_RD)
@@ -146,7 +186,7 @@ class EdgeServer:
         for t, sock in conns.items():
             if t.is_alive():
                 sock.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._close_executors()
         log.info("stopped: %d connections, %d requests, %d errors", *self.stats.values())
 
     def __enter__(self) -> "EdgeServer":
@@ -194,15 +234,21 @@ class EdgeServer:
         ch = P.Channel(sock, self.max_frame, reuse_buffer=True)
         start, n_req, n_err, reason = time.monotonic(), 0, 0, "closed by peer"
         try:
-            reason = self._handshake(ch)
+            reason, m = self._handshake(ch)
+            check = (lambda msg: self._check(m, msg))
             while reason is None:
                 try:
-                    msg, checked = ch.recv_prepared(self._check, deadline=time.monotonic() + self.idle_timeout,
+                    msg, checked = ch.recv_prepared(check, deadline=time.monotonic() + self.idle_timeout,
                                                     frame_timeout=self.frame_timeout)
                 except P.ConnectionClosed:
                     reason = "closed by peer" if not self._stopping.is_set() else "server shutting down"
                     break
-                reply = self._handle(msg, checked, ch)
+                received = time.monotonic()
+                reply = self._handle(m, msg, checked, ch)
+                if self.metrics and msg["type"] == "infer":
+                    plan = msg.get("plan")
+                    self.metrics.answered(m.model, plan if plan in m.plans else None, reply,
+                                          time.monotonic() - received)
                 n_req += 1
                 if reply["type"] == "error":
                     n_err += 1
@@ -237,36 +283,40 @@ class EdgeServer:
             pass
         return f"{code}: {message}"
 
-    def _handshake(self, ch: P.Channel) -> str | None:
-        """None when the device may go on; otherwise why the connection ends."""
+    def _handshake(self, ch: P.Channel) -> tuple[str | None, ServedModel | None]:
+        """(None, the device's model) when the device may go on; otherwise (why the connection ends, None)."""
         deadline = time.monotonic() + self.handshake_timeout
         nonce = P.new_nonce()
         ch.send(P.challenge(nonce, self.token is not None), deadline)
         msg = ch.recv(deadline, frame_timeout=self.handshake_timeout)
         if msg["type"] != "hello":
-            return self._fail(ch, P.BAD_REQUEST, f"expected a hello first, got {msg['type']!r}")
+            return self._fail(ch, P.BAD_REQUEST, f"expected a hello first, got {msg['type']!r}"), None
         if msg.get("version") != P.PROTOCOL_VERSION:
             return self._fail(ch, P.VERSION, f"device speaks protocol {msg.get('version')!r}, this server "
-                                             f"{P.PROTOCOL_VERSION}: install the same edgecut version on both")
+                                             f"{P.PROTOCOL_VERSION}: install the same edgecut version on both"), None
         model, sha = msg.get("model"), msg.get("manifest_sha256")
         if self.token and not (isinstance(model, str) and isinstance(sha, str)
                                and P.check_auth(self.token, nonce, model, sha, msg.get("auth"))):
             return self._fail(ch, P.AUTH, "authentication failed: the device's token does not match the "
-                                          "server's --token-file")
-        if model != self.model:
-            return self._fail(ch, P.MODEL, f"device runs model {model!r}, this server serves {self.model!r}")
-        if sha != self.manifest_sha256:
+                                          "server's --token-file"), None
+        m = self.models.get(model) if isinstance(model, str) else None
+        if m is None:
+            served = ", ".join(repr(k) for k in self.models)
+            return self._fail(ch, P.MODEL, f"device runs model {model!r}, this server serves {served}"), None
+        if sha != m.manifest_sha256:
             return self._fail(ch, P.MANIFEST, f"device's artifact has manifest sha256 {str(sha)[:12]}..., this "
-                                              f"server's {self.manifest_sha256[:12]}...: deploy the same build "
-                                              f"to device and edge")
-        ch.send(P.welcome(self.model, self.manifest_sha256, self.edge_s), deadline)
-        return None
+                                              f"server's {m.manifest_sha256[:12]}...: deploy the same build "
+                                              f"to device and edge"), None
+        ch.send(P.welcome(m.model, m.manifest_sha256, m.edge_s), deadline)
+        if self.metrics:
+            self.metrics.connections.inc()
+        return None, m
 
     # ------------------------------------------------------------------------------ requests
-    def _handle(self, msg: dict, checked, ch: P.Channel) -> dict:
+    def _handle(self, m: ServedModel, msg: dict, checked, ch: P.Channel) -> dict:
         kind, rid = msg["type"], msg.get("id")
         if kind == "infer":
-            return checked if isinstance(checked, dict) else self._infer(*checked, ch)
+            return checked if isinstance(checked, dict) else self._infer(m, *checked, ch)
         if kind == "ping":
             return {"type": "pong", "id": rid}
         if kind == "probe":
@@ -275,7 +325,7 @@ class EdgeServer:
                     "n": memoryview(data).nbytes if isinstance(data, (bytes, memoryview)) else 0}
         return P.error(P.BAD_REQUEST, f"unknown message type {kind!r}", rid)
 
-    def _check(self, msg: dict):
+    def _check(self, m: ServedModel, msg: dict):
         """An infer request's (id, plan id, tensors, timeout), or the error reply it gets; None
         for other messages. Reads nothing but the map's structure: the channel calls it while
         the tensors' bytes are still arriving (Channel.recv_prepared)."""
@@ -286,9 +336,9 @@ class EdgeServer:
             return P.error(P.BAD_REQUEST, "infer needs an integer 'id'", None)
         if not isinstance(plan_id, str):
             return P.error(P.BAD_REQUEST, "infer needs a string 'plan'", rid)
-        plan = self._plans.get(plan_id)
+        plan = m.plans.get(plan_id)
         if plan is None:
-            known = ", ".join(self._plans)
+            known = ", ".join(m.plans)
             return P.error(P.UNKNOWN_PLAN, f"plan {plan_id!r} is not one of this artifact's plans ({known})", rid)
         if plan.cut.device_only:
             return P.error(P.UNKNOWN_PLAN, f"plan {plan_id!r} runs on the device only; nothing to do here", rid)
@@ -305,81 +355,26 @@ class EdgeServer:
             timeout = min(timeout, float(deadline_s))
         return rid, plan_id, tensors, timeout
 
-    def _infer(self, rid: int, plan_id: str, tensors: dict, timeout: float, ch: P.Channel) -> dict:
+    def _infer(self, m: ServedModel, rid: int, plan_id: str, tensors: dict, timeout: float, ch: P.Channel) -> dict:
         received = time.monotonic()
-        expiry = received + timeout
-        with self._lock:
-            if self._pending >= self.workers + self.max_queue:
-                return P.error(P.BUSY, f"edge queue is full ({self.max_queue} waiting); retry or run locally", rid)
-            self._pending += 1
-            inline = self._running < self.workers and self._waiting == 0
-            if inline:
-                self._running += 1
-            else:
-                self._waiting += 1
-        if inline:          # a free slot and nobody ahead: compute here, no thread handoff
-            try:
-                out, queue_s, edge_s = self._run(plan_id, tensors, received, expiry)
-                if time.monotonic() > expiry:
-                    raise _Expired()
-            except Exception as e:
-                return self._failed(e, rid, plan_id, timeout)
-            finally:
-                with self._lock:
-                    self._pending -= 1
-                    self._release_slot()
-            return P.result(rid, out, edge_s, queue_s)
-        fut = self._pool.submit(self._queued, plan_id, tensors, received, expiry)
-        fut.add_done_callback(self._done)
         try:
-            out, queue_s, edge_s = fut.result(timeout=max(0.0, expiry - time.monotonic()))
-        except FutureTimeout:
-            if not fut.cancel():
-                ch.release_buffer()     # the abandoned run may still read this frame's tensors
-            return self._failed(_Expired(), rid, plan_id, timeout)
-        except Exception as e:
-            return self._failed(e, rid, plan_id, timeout)
-        return P.result(rid, out, edge_s, queue_s)
-
-    def _failed(self, e: Exception, rid, plan_id: str, timeout: float) -> dict:
-        if isinstance(e, _Expired):
+            out, queue_s, edge_s, batch = m.executor.infer(plan_id, tensors, received, received + timeout,
+                                                           ch.release_buffer)
+        except Busy as e:
+            return P.error(P.BUSY, str(e), rid)
+        except Expired:
             return P.error(P.TIMEOUT, f"edge did not finish within {timeout:.3f}s", rid)
-        if isinstance(e, ArtifactError):
+        except ArtifactError as e:
             return P.error(P.BAD_TENSOR, str(e), rid)
-        log.error("request %s (plan %s) failed", rid, plan_id, exc_info=e)
-        return P.error(P.INTERNAL, f"{type(e).__name__}: {e}", rid)
-
-    def _release_slot(self) -> None:       # with self._lock held
-        self._running -= 1
-        self._slot_free.notify()
-
-    def _done(self, fut) -> None:
-        with self._lock:
-            self._pending -= 1
-            if fut.cancelled():            # never reached _queued
-                self._waiting -= 1
-
-    def _queued(self, plan_id: str, tensors: dict, received: float, expiry: float):
-        """A pool worker: wait for a compute slot (connection threads may hold them), then run."""
-        with self._slot_free:
-            while self._running >= self.workers:
-                self._slot_free.wait()
-            self._running += 1
-            self._waiting -= 1
-        try:
-            return self._run(plan_id, tensors, received, expiry)
+        except Exception as e:
+            log.error("request %s (model %s, plan %s) failed", rid, m.model, plan_id, exc_info=e)
+            return P.error(P.INTERNAL, f"{type(e).__name__}: {e}", rid)
         finally:
-            with self._lock:
-                self._release_slot()
-
-    def _run(self, plan_id: str, tensors: dict, received: float, expiry: float):
-        started = time.monotonic()
-        if started >= expiry:
-            raise _Expired()
-        res = self.part.run(plan_id, tensors)
-        if not res.done:
-            raise ArtifactError(f"edge part did not finish plan {plan_id!r}")
-        return res.outputs, started - received, time.monotonic() - started
+            if self.metrics:
+                self.metrics.queue.labels(m.model).set(m.executor.pending)
+        if self.metrics:
+            self.metrics.batch.labels(m.model).observe(batch)
+        return P.result(rid, out, edge_s, queue_s)
 
 
 def _linger_close(sock: socket.socket) -> None:

@@ -142,3 +142,21 @@ def bystander():
     yield make
     for b in made:
         b.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs, no dashboard) for the whole test session; the numpy part
+    travels to the replicas by value (the workers cannot import this directory)."""
+    pytest.importorskip("ray.serve", reason="the edge tier tests need ray[serve]: pip install 'edgecut[tier]'")
+    import numpy_part
+    import ray
+    from ray import serve
+
+    from edgecut.runtime.tier import start_ray
+
+    start_ray(num_cpus=2)
+    ray.cloudpickle.register_pickle_by_value(numpy_part)
+    yield ray
+    serve.shutdown()
+    ray.shutdown()
