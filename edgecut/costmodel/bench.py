@@ -23,13 +23,9 @@ def machine_description(target) -> dict:
 
     from edgecut.codegen import build as build_module
 
-    cpu = ""
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith(("model name", "Model"))), "")
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu,
+    from edgecut.runtime.calibration import cpu_model
+
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu_model(),
             "cpus": os.cpu_count(), "tvm_num_threads": os.environ.get("TVM_NUM_THREADS", ""),
             "tvm": tvm.__version__, "tvm_target": str(target.tvm_target()),
             "build_py_sha256": hashlib.sha256(Path(build_module.__file__).read_bytes()).hexdigest()[:16]}

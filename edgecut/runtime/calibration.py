@@ -61,7 +61,7 @@ def quantile(samples, q: float) -> float:
     return float(s[lo] + (s[hi] - s[lo]) * (pos - lo))
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's model name (x86: "model name"; a Pi: "Model", "Hardware"), else
     platform.processor()."""
     found = {}
@@ -107,7 +107,7 @@ def runner_of(obj) -> str:
 def fingerprint(runner: str = "Part") -> dict:
     """What identifies this machine for timing: architecture, CPU model, cores, TVM version, the
     runner (an emulated device is another machine); the hostname is recorded, not compared."""
-    return {"machine": platform.machine(), "cpu": _cpu_model(), "cores": os.cpu_count() or 0,
+    return {"machine": platform.machine(), "cpu": cpu_model(), "cores": os.cpu_count() or 0,
             "tvm": _tvm_version(), "runner": runner, "hostname": socket.gethostname()}
 
 

@@ -116,6 +116,10 @@ class LatencyEstimates:
                                               for p, r in self._routes.items()])
             return self._cache[1]
 
+    def route(self, plan_id: str):
+        """The route of `plan_id` as given (its starting estimates, link factor 1), or None."""
+        return self._routes.get(plan_id)
+
     def observed(self, plan_id: str, side: str) -> tuple:
         with self._lock:
             return tuple(self._obs[side].get(plan_id, ()))
@@ -305,8 +309,8 @@ class Replanner:
         `after` are the (bandwidth, rtt) estimates before and after it was counted. A step of the
         estimate (over `LINK_STEP`x) resets the link's ratios; otherwise the transfer is compared
         with the model at the new estimate."""
-        self.estimates.observe(plan_id, "transfer", seconds)
-        route = self.estimates._routes.get(plan_id)
+        self.observe(plan_id, "transfer", seconds)
+        route = self.estimates.route(plan_id)
         if not (self.adapt and self.measured) or route is None or not all(b > 0 and math.isfinite(b)
                                                                           for b in (before[0], after[0])):
             return
