@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 import torch.fx as fx
 
+from edgecut.codecs import coded_name, split_name
+from edgecut.codecs import parse as parse_codec
 from edgecut.codegen.manifest import ExitSpec, Route, Segment
 from edgecut.costmodel.features import folded_into_conv, fused_into, work_features
 from edgecut.errors import CodegenError
@@ -105,8 +107,13 @@ def split(gm: fx.GraphModule, plans, exits: list[ExitSpec] | None = None):
                                    f"input {missing[0]!r}; a cut's device set must be closed under predecessors")
     made: dict[tuple, Segment] = {}
 
-    def segment(members: list[str], outputs) -> str:
-        key = (tuple(members), _inputs_of(members, nodes), tuple(o for o in members if o in outputs))
+    def segment(members: list[str], outputs, coded: dict | None = None) -> str:
+        """`outputs`: the member names to return; `coded` (node -> coded tensor name): crossing
+        tensors a coded plan reads as inputs, or returns coded (and raw only if in `outputs`)."""
+        coded = coded or {}
+        ins = tuple(coded.get(i, i) for i in _inputs_of(members, nodes))
+        outs = tuple(x for o in members for x in ((o,) if o in outputs else ()) + ((coded[o],) if o in coded else ()))
+        key = (tuple(members), ins, outs)
         if key not in made:
             made[key] = Segment(f"seg{len(made)}", *key, macs=round(sum(charged_macs(nodes[m]) for m in members)))
         return made[key].name
@@ -156,15 +163,19 @@ def _route(plan, segment, nodes, anc, exits, placeholders) -> Route:
     bounds = sorted({0, len(dev), *(pos for pos, _, _ in heads)})
     spans = [dev[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
     edge_reads = set(_inputs_of(edge, nodes))
-    crossing = tuple(n for n in order if n in edge_reads)
+    # a coded plan's device spans return the crossing tensors coded, its edge segment reads them so
+    base = parse_codec(getattr(plan, "codec", "fp32")).base
+    coded = {n: coded_name(n, base) for n in edge_reads} if base != "fp32" else {}
+    crossing = tuple(coded.get(n, n) for n in order if n in edge_reads)
     # a span returns what later spans, heads or the edge read, and the plan's logits
     later = [set(_inputs_of(s, nodes)) for s in spans]
-    wanted = edge_reads | {r for _, _, h in heads for r in _inputs_of(h, nodes)} | {_logits(plan, exits)}
-    device = tuple(segment(s, wanted | set().union(*later[k + 1:])) for k, s in enumerate(spans))
+    on_device = {r for _, _, h in heads for r in _inputs_of(h, nodes)} | {_logits(plan, exits)}
+    wanted = on_device | (set() if coded else edge_reads)
+    device = tuple(segment(s, wanted | set().union(*later[k + 1:]), coded) for k, s in enumerate(spans))
     checks = sorted(((sum(1 for b in bounds[1:] if b <= pos), e.id, (segment(h, {e.output}),))
                      for pos, e, h in heads), key=lambda c: (c[0], c[1]))
-    edge_seg = (segment(edge, {_logits(plan, exits)}),) if edge else ()
-    return Route(plan.id, plan.exit, device, edge_seg, crossing, tuple(checks))
+    edge_seg = (segment(edge, {_logits(plan, exits)}, coded),) if edge else ()
+    return Route(plan.id, plan.exit, device, edge_seg, crossing, tuple(checks), getattr(plan, "codec", "fp32"))
 
 
 def _logits(plan, exits) -> str:
@@ -178,9 +189,10 @@ def segment_module(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:
     env: dict[str, fx.Node] = {}
     nodes = {n.name: n for n in gm.graph.nodes}
     for name in seg.inputs:
+        raw = split_name(name)[0]
         ph = g.placeholder(name)
-        ph.meta = dict(nodes[name].meta)
-        env[name] = ph
+        ph.meta = dict(nodes[raw].meta) if raw == name else {}
+        env[raw] = ph               # a coded input: apply_codecs decodes it before its users
 
     def arg(n: fx.Node) -> fx.Node:
         if n.name not in env:            # a get_attr: weights are copied into every segment using them
@@ -189,6 +201,10 @@ def segment_module(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:
 
     for name in seg.nodes:
         env[name] = g.node_copy(nodes[name], arg)
-    g.output(tuple(env[o] for o in seg.outputs))
+    g.output(tuple(env[split_name(o)[0]] for o in seg.outputs))
     g.lint()
-    return fx.GraphModule(gm, g, f"{type(gm).__name__}_{seg.name}")
+    seg_gm = fx.GraphModule(gm, g, f"{type(gm).__name__}_{seg.name}")
+    seg_gm._edgecut_outputs = tuple(seg.outputs)
+    from edgecut.codegen.codec_ops import apply_codecs
+
+    return apply_codecs(seg_gm, gm)                     # coded inputs decoded, coded outputs encoded
