@@ -326,8 +326,11 @@ class Artifact:
                 ort.setdefault(lib.segment, (lib.note, []))[1].append(lib.side)
         for seg, (note, sides) in ort.items():
             lines.append(f"  segment {seg} runs on ONNX Runtime ({', '.join(sides)}): {note or 'no reason recorded'}")
-        lines.append(f"  {'bandwidth from':>15}  {'exit':>4}  {'cut':<28} {'predicted':>10}  feasible")
+        from edgecut.explain import codec_lines
+
+        lines += codec_lines(self.manifest.candidates, info.get("codecs") or {})
+        lines.append(f"  {'bandwidth from':>15}  {'exit':>4}  {'cut':<28} {'codec':<10} {'predicted':>10}  feasible")
         for lo, p in zip(self.table.bounds, self.table.plans):
-            lines.append(f"  {format_bandwidth(lo):>15}  {p.exit:>4}  {p.cut.name[:28]:<28} "
+            lines.append(f"  {format_bandwidth(lo):>15}  {p.exit:>4}  {p.cut.name[:28]:<28} {p.codec:<10} "
                          f"{format_time(p.latency_s):>10}  {'yes' if p.feasible else 'NO (+' + format_time(p.shortfall_s) + ')'}")
         return "\n".join(lines)

@@ -51,10 +51,6 @@ class RouteCost:
     link_factor: float = 1.0     # observed / modelled link time to plan with (>= 1: the link's jitter)
     codec: str = "fp32"          # how the crossing tensors travel (edgecut.codecs); up_bytes are coded bytes
 
-    @property
-    def lossy(self) -> bool:
-        return not self.codec.startswith("fp32")
-
     def transfer_s(self, link: Link) -> float:
         """Seconds on `link` (0 for a device-only route; a round trip even if nothing is sent up),
         times `link_factor`."""
@@ -126,12 +122,13 @@ def route_costs(manifest, device_s: dict | None = None, edge_s: dict | None = No
 
 def _rank(r: RouteCost, objective: str) -> tuple:
     """Smaller is preferred before latency: the exit order of compile (`passes.solve.exit_order`):
-    known accuracy before unknown, higher accuracy, then the deeper exit; at equal accuracy a
-    lossless codec before a lossy one (which is taken only when the deadline needs it)."""
+    known accuracy before unknown, higher accuracy, then the deeper exit. A coded route's
+    accuracy is measured with its codec (`passes.codec_plans`), so a codec that costs accuracy
+    is taken only when no more accurate route fits; one that costs none competes on latency."""
     if objective == "latency":
         return (0,)
     known = not math.isnan(r.accuracy)
-    return (not known, -r.accuracy if known else 0.0, -r.exit, r.lossy)
+    return (not known, -r.accuracy if known else 0.0, -r.exit)
 
 
 def _tie(r: RouteCost) -> tuple:

@@ -1,6 +1,7 @@
 """Codecs for the crossing tensors: numpy reference, compiled steps (TVM and ONNX), the solver's
 choice, and the wire over a real TCP server."""
 import importlib.util
+import inspect
 import math
 import socket
 from dataclasses import replace
@@ -89,18 +90,20 @@ def test_a_stream_of_the_wrong_length_is_a_protocol_error():
 # --- the solver ----------------------------------------------------------------------------------
 def test_the_solver_takes_a_lossy_codec_only_when_the_deadline_needs_it():
     fp32 = RouteCost("e1/mid", 1, 0.90, False, 0.010, 0.005, 40_000, 40)
-    int8 = replace(fp32, plan_id="e1/mid@int8+zstd", codec="int8+zstd", up_bytes=4_000, device_s=0.011)
+    int8 = replace(fp32, plan_id="e1/mid@int8+zstd", codec="int8+zstd", up_bytes=4_000, device_s=0.011,
+                   accuracy=0.89)                                     # measured: costs a point
     lossless = replace(fp32, plan_id="e1/mid@fp32+zstd", codec="fp32+zstd", up_bytes=30_000, device_s=0.012)
     local = RouteCost("e0/device", 0, 0.70, True, 0.030, 0.0, 0, 0)
     routes = [fp32, int8, lossless, local]
-    # a fast link: fp32 fits, and its equally accurate lossy twin, though faster, is not taken
-    assert choose(routes, 100e6, 0.05).codec in ("fp32", "fp32+zstd")
+    # a fast link: fp32 fits, and its lossy twin, though faster, is not taken
+    assert choose(routes, 100e6, 0.05).plan_id == "e1/mid"
     # 2 Mbit/s: 40 KB take 160 ms; the lossless stage is not enough, int8 fits
     assert choose(routes, 2e6, 0.05).plan_id == "e1/mid@int8+zstd"
     # a lossy plan that loses more than the early exit is not taken over it
     assert choose([replace(int8, accuracy=0.6), local], 2e6, 0.05).plan_id == "e0/device"
-    # among lossless plans at equal accuracy the faster one wins: 30 KB with zstd at 8 Mbit/s
+    # at equal accuracy the faster one wins: 30 KB with zstd at 8 Mbit/s, or a codec that costs nothing
     assert choose([fp32, lossless, local], 8e6, 0.05).plan_id == "e1/mid@fp32+zstd"
+    assert choose([fp32, replace(int8, accuracy=0.90)], 100e6, 0.05).plan_id == "e1/mid@int8+zstd"
 
 
 # --- compiled steps ------------------------------------------------------------------------------
@@ -213,3 +216,36 @@ def test_calibration_times_the_lossless_stage(coded):
         cal = calibrate(out, side, idle_pattern=(0.0,), repeats=2, warmup=0)
         assert {"e0/mid@int8", "e0/mid@int8+zstd"} <= set(cal.seconds(0.5))
         assert math.isfinite(cal.seconds(0.5)["e0/mid@int8+zstd"])
+
+
+# --- compile --------------------------------------------------------------------------------------
+def test_compile_makes_the_codec_a_plan_dimension_with_measured_accuracy_and_bytes(tmp_path):
+    from edgecut.costmodel.profile import load_profile
+    from edgecut.data import synthetic
+
+    edge = load_profile("local")
+    model, x = zoo.get("tiny_chain"), torch.randn(1, 3, 16, 16)
+    data = synthetic((3, 16, 16), n=96, seed=1), synthetic((3, 16, 16), n=64, seed=2)
+    kw = dict(target="local", edge="local", deadline=0.05, exits=None, data=data, profile=edge.scaled(20),
+              edge_profile=edge, progress=False)
+    with pytest.raises(UsageError, match="need data"):
+        edgecut.compile(model, x, **{**kw, "data": None}, codecs=("fp32", "int8"))
+    art = edgecut.compile(model, x, **kw, codecs=("fp32", "int8+zstd", "fp16"), out_dir=tmp_path / "a")
+    measured, cands = art.info["codecs"], {p.id: p for p in art.manifest.candidates}
+    offload = [p for p in cands.values() if p.codec == "fp32" and not p.cut.device_only]
+    assert offload and set(measured) == {f"{p.id}@{c}" for p in offload for c in ("int8+zstd", "fp16")}
+    for pid, v in measured.items():
+        fp32 = cands[pid.rpartition("@")[0]]
+        assert v["kept"] == (pid in cands) and v["fp32_bytes"] == fp32.cut.crossing_bytes
+        if pid in cands:
+            assert cands[pid].cut.crossing_bytes == round(v["bytes"])
+            assert math.isnan(fp32.accuracy) or cands[pid].accuracy <= fp32.accuracy
+            assert art.manifest.route(pid).codec == v["codec"]
+        if v["codec"] == "fp16":
+            assert v["bytes"] == fp32.cut.crossing_bytes / 2
+    assert set(art.gm.meta[meta.CODEC_SCALES]) == {c for p in offload for c in p.cut.crossing}
+    report = art.report()
+    assert "crossing bytes per cut" in report and "int8+zstd" in report and "codec" in report.splitlines()[-len(
+        art.table.plans) - 1]
+    # the default stays fp32 only: nothing measured, no coded plan
+    assert inspect.signature(edgecut.compile).parameters["codecs"].default == ("fp32",)
