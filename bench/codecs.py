@@ -31,19 +31,16 @@ import torch
 
 import edgecut
 from edgecut import zoo
-from edgecut.codegen.load import load
 from edgecut.codegen.manifest import Manifest
 from edgecut.costmodel.profile import load_profile
 from edgecut.data import digits
 from edgecut.demo import EXIT_POINTS, MODEL, SHAPE
 from edgecut.runtime.client import DeviceRuntime
-from edgecut.runtime.emulate import DEMO_DEVICE, EmulatedDevice
-from edgecut.runtime.linkemu import LinkEmulator
-from edgecut.runtime.server import EdgeServer
+from edgecut.runtime.emulate import DEMO_DEVICE
 from edgecut.units import format_bandwidth, format_time
 
 sys.path.insert(0, str(Path(__file__).parent))
-from edgent import Narrowed  # noqa: E402  the Edgent bench's narrowed device part
+from edgent import Narrowed, testbed  # noqa: E402  the Edgent bench's narrowed device part and parts
 
 CODECS = ("fp32", "fp32+zstd", "fp16", "fp16+zstd", "int8", "int8+zstd", "int8+lz4")
 BANDWIDTHS = (0.25e6, 0.5e6, 1e6, 2e6, 4e6, 8e6)
@@ -100,12 +97,7 @@ def main() -> None:
         print(f"  {pid}: {v['fp32_bytes']} -> {v['bytes']:.0f} B, validation accuracy loss "
               f"{100 * v['loss']:.1f} points{'' if v['kept'] else ' (dropped)'}")
 
-    xs = np.stack([test[i][0].numpy() for i in range(len(test))])[:, None]
-    ys = np.array([int(test[i][1]) for i in range(len(test))])
-    order = np.random.default_rng(0).permutation(len(xs))[: a.requests]
-    server = EdgeServer(path, "127.0.0.1", 0, workers=1).start()              # calibrates the edge parts
-    link = LinkEmulator(("127.0.0.1", 0), server.address, rate=bws[0], delay=a.rtt / 2, burst=0).start()
-    dev = EmulatedDevice(load(path, "device"), DEMO_DEVICE)
+    xs, ys, order, server, link, dev = testbed(path, test, a.requests, bws[0], a.rtt, DEMO_DEVICE)
     DeviceRuntime(dev).close()                                                 # calibrates the device
     routes = {"fp32": [p for p in man.candidates if p.codec == "fp32"], "codecs": list(man.candidates)}
     rows = []
