@@ -118,12 +118,27 @@ def coded(tmp_path_factory):
     table = make_table(gm, three_cuts(gm, ["pool1"]))
     mid = table.plans[1]
     node = mid.cut.crossing[0]
-    samples = np.concatenate([_values(gm, (torch.randn(1, 3, 16, 16),))[node] for _ in range(16)])
-    gm.meta[meta.CODEC_SCALES] = {node: codecs.calibrate_int8(samples, samples[:1].shape).to_dict()}
-    plans = [replace(mid, codec=c) for c in ("fp16", "int8", "int8+zstd")]
+    seen = [_values(gm, (torch.randn(1, 3, 16, 16),)) for _ in range(16)]
+    gm.meta[meta.CODEC_SCALES] = {n: codecs.calibrate_int8(np.concatenate([v[n] for v in seen]), seen[0][n].shape).to_dict()
+                                  for n in (node, "x")}
+    plans = [replace(mid, codec=c) for c in ("fp16", "int8", "int8+zstd")] + [replace(table.plans[0], codec="int8")]
     out = tmp_path_factory.mktemp("coded") / "art"
     manifest = build_artifact(gm, table, "local", "local", out, (x,), progress=False, candidates=plans)
-    return model, x.numpy(), table, out, manifest, codecs.Affine.from_dict(gm.meta[meta.CODEC_SCALES][node])
+    return model, x.numpy(), table, out, manifest, {n: codecs.Affine.from_dict(d)
+                                                    for n, d in gm.meta[meta.CODEC_SCALES].items()}
+
+
+def test_a_coded_input_cut_codes_the_input_in_a_device_call_of_its_own(coded):
+    model, x, table, out, manifest, affines = coded
+    route = manifest.route("e0/input@int8")
+    assert route.crossing == ("x__int8",) and len(route.device) == 1 and route.edge
+    seg = next(s for s in manifest.segments if s.name == route.device[0])
+    assert seg.nodes == () and seg.inputs == ("x",) and seg.outputs == ("x__int8",)
+    sent, got = _chain(out, "e0/input@int8", x)
+    q = sent.outputs["x__int8"]
+    assert codecs.within_rounding("int8", q, codecs.encode("int8", x, affines["x"]))
+    want = load(out, "edge").run("e0/input", {"x": codecs.decode("int8", q, affines["x"])}).outputs["logits"]
+    assert max_error(got.outputs["logits"], want) <= 1e-4
 
 
 def _chain(out, plan_id, x, backend="tvm"):
@@ -142,7 +157,8 @@ def test_fp32_split_still_equals_whole(coded):
 @pytest.mark.parametrize("backend", ["tvm", "onnxruntime"])
 @pytest.mark.parametrize("codec", ["fp16", "int8", "int8+zstd"])
 def test_coded_edge_output_matches_the_codec_simulated_in_numpy(coded, codec, backend):
-    model, x, table, out, manifest, affine = coded
+    model, x, table, out, manifest, affines = coded
+    affine = affines["pool1"]
     base = codecs.parse(codec).base
     plan_id = f"e0/mid@{codec}"
     route = manifest.route(plan_id)
@@ -164,7 +180,7 @@ def test_coded_plans_share_their_libraries_and_only_coded_routes_get_new_ones(co
     r = manifest.routes
     assert r["e0/mid@int8"].device == r["e0/mid@int8+zstd"].device and r["e0/mid@int8"].edge == r["e0/mid@int8+zstd"].edge
     assert r["e0/mid@fp16"].device != r["e0/mid"].device
-    assert len(manifest.segments) == 7          # input, mid (2), device-only, fp16 (2), int8 (2) share seg0
+    assert len(manifest.segments) == 9          # input, mid (2), device-only, fp16 (2), int8 (2), coded input (2)
     assert not any(lib.backend == "onnxruntime" for lib in manifest.libraries)
 
 
@@ -178,7 +194,7 @@ def _connect(server, part) -> P.Channel:
 
 
 def test_the_edge_refuses_a_codec_mismatch_and_a_bad_coded_length_and_stays_up(coded):
-    model, x, table, out, manifest, affine = coded
+    model, x, table, out, manifest, _ = coded
     dev = load(out, "device")
     res = dev.run("e0/mid@int8+zstd", {dev.input_names[0]: x})
     server = EdgeServer(out, "127.0.0.1", 0, insecure=True, calibrate=False).start()

@@ -107,12 +107,14 @@ def split(gm: fx.GraphModule, plans, exits: list[ExitSpec] | None = None):
                                    f"input {missing[0]!r}; a cut's device set must be closed under predecessors")
     made: dict[tuple, Segment] = {}
 
-    def segment(members: list[str], outputs, coded: dict | None = None) -> str:
+    def segment(members: list[str], outputs, coded: dict | None = None, encode=()) -> str:
         """`outputs`: the member names to return; `coded` (node -> coded tensor name): crossing
-        tensors a coded plan reads as inputs, or returns coded (and raw only if in `outputs`)."""
+        tensors a coded plan reads as inputs, or returns coded (and raw only if in `outputs`);
+        `encode`: model inputs the segment reads and returns coded (a coded input cut)."""
         coded = coded or {}
-        ins = tuple(coded.get(i, i) for i in _inputs_of(members, nodes))
+        ins = tuple(coded.get(i, i) for i in _inputs_of(members, nodes)) + tuple(encode)
         outs = tuple(x for o in members for x in ((o,) if o in outputs else ()) + ((coded[o],) if o in coded else ()))
+        outs += tuple(coded[e] for e in encode)
         key = (tuple(members), ins, outs)
         if key not in made:
             made[key] = Segment(f"seg{len(made)}", *key, macs=round(sum(charged_macs(nodes[m]) for m in members)))
@@ -172,6 +174,9 @@ def _route(plan, segment, nodes, anc, exits, placeholders) -> Route:
     on_device = {r for _, _, h in heads for r in _inputs_of(h, nodes)} | {_logits(plan, exits)}
     wanted = on_device | (set() if coded else edge_reads)
     device = tuple(segment(s, wanted | set().union(*later[k + 1:]), coded) for k, s in enumerate(spans))
+    sent_inputs = [n for n in order if n in coded and n in placeholders]
+    if sent_inputs:                     # model inputs the edge reads: one more device call codes them
+        device += (segment([], set(), coded, sent_inputs),)
     checks = sorted(((sum(1 for b in bounds[1:] if b <= pos), e.id, (segment(h, {e.output}),))
                      for pos, e, h in heads), key=lambda c: (c[0], c[1]))
     edge_seg = (segment(edge, {_logits(plan, exits)}, coded),) if edge else ()
