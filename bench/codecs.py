@@ -60,7 +60,8 @@ def cell(rt, xs, ys, order, deadline) -> dict:
         correct += int(np.argmax(r.logits)) == int(ys[i])
     n = len(order)
     return {"latency": statistics.median(lat), "bytes": statistics.mean(sent), "met": met / n,
-            "accuracy": correct / n, "plan": plans.most_common(1)[0][0], "sends": where["edge"] > n // 2}
+            "accuracy": correct / n, "plan": plans.most_common(1)[0][0], "sends": where["edge"] > n // 2,
+            "where": " ".join(f"{k}:{v}" for k, v in sorted(where.items()))}
 
 
 def main() -> None:
@@ -106,7 +107,8 @@ def main() -> None:
             link.set_rate(bw, bw)
             row = {}
             for name, plans in routes.items():
-                rt = DeviceRuntime(Narrowed(dev, plans, deadline), edge=link.address, probe_interval=None)
+                rt = DeviceRuntime(Narrowed(dev, plans, deadline), edge=link.address, probe_interval=None,
+                                   early_exit=False)          # each request runs its plan, as bench/edgent's edgecut
                 try:
                     rt.probe()
                     row[name] = cell(rt, xs, ys, order, deadline)
@@ -114,7 +116,7 @@ def main() -> None:
                     rt.close()
                 r = row[name]
                 print(f"{format_bandwidth(bw):>12}  {name:<6}  {r['plan']:<32} {format_time(r['latency']):>9}  "
-                      f"{r['bytes']:>8.0f} B  met {100 * r['met']:5.1f}%  accuracy {r['accuracy']:.3f}", flush=True)
+                      f"{r['bytes']:>8.0f} B  met {100 * r['met']:5.1f}%  accuracy {r['accuracy']:.3f}  {r['where']}", flush=True)
             rows.append((bw, row))
     finally:
         link.stop()
