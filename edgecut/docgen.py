@@ -121,10 +121,10 @@ def _members(cls) -> list[tuple[str, object]]:
         if name.startswith("_"):
             continue
         if isinstance(value, (staticmethod, classmethod)):
-            value = value.__func__
+            value = getattr(cls, name)                 # bound: the signature has no cls
         if isinstance(value, property):
             out.append((name, value))
-        elif inspect.isfunction(value):
+        elif inspect.isfunction(value) or inspect.ismethod(value):
             out.append((name, value))
     return out
 
@@ -143,10 +143,12 @@ def api_markdown() -> str:
             short = dotted.replace("edgecut.passes.", "passes.") if dotted.count(".") > 1 else dotted
             lines += _entry("###", short, signature(obj, short.rsplit(".", 1)[-1]), inspect.getdoc(obj))
             if inspect.isclass(obj):
+                props = [(n, m) for n, m in _members(obj) if isinstance(m, property)]
+                if props:
+                    lines += ["Properties: " + "; ".join(
+                        f"`{n}`" + (f" ({inspect.getdoc(m)})" if m.__doc__ else "") for n, m in props) + ".", ""]
                 for name, member in _members(obj):
-                    if isinstance(member, property):
-                        lines += [f"- `{name}` (property)" + (f": {inspect.getdoc(member)}" if member.__doc__ else ""), ""]
-                    else:
+                    if not isinstance(member, property):
                         lines += _entry("####", f"{obj.__name__}.{name}", signature(member, name),
                                         inspect.getdoc(member))
     return "\n".join(lines).rstrip() + "\n"
