@@ -139,3 +139,9 @@ def test_protocol_page_has_every_message_type_and_code():
     assert all(d in text for d in protocol.DTYPES)
     assert f"version {protocol.PROTOCOL_VERSION}" in text.lower() or \
         f"`version`: {protocol.PROTOCOL_VERSION}" in text
+
+
+def test_benchmarks_page_has_every_bench():
+    benches = sorted(p.name for p in (DOCS.parent / "bench").glob("*.py"))
+    heads = _headings("benchmarks.md")
+    assert [b for b in benches if f"bench/{b}" not in heads] == []
