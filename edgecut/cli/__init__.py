@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgecut", formatter_class=HelpFormatter,
         description="Split a PyTorch model between a device and an edge server to meet a deadline.",
         epilog="`edgecut COMMAND --help` lists a command's options; docs/cli.md has them all.")
-    parser.add_argument("--version", action="version", version=f"edgecut {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"edgecut {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
