@@ -115,3 +115,12 @@ def test_slow_blocks_in_order(shell_env):
              if lang in ("bash", "python") and m in ("fast", "slow")]
     for line, lang, code in steps:
         run_block(line, lang, code, work, env, timeout=1200)
+
+
+def test_links_resolve():
+    """Every relative link and image of README.md and docs/*.md names a file of the checkout."""
+    for page in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
