@@ -105,7 +105,32 @@ def signature(obj, name: str) -> str:
         return name
     if inspect.isclass(obj) and " -> " in sig:
         sig = sig.rsplit(" -> ", 1)[0]
-    return f"{name}{sig}"
+    if len(name) + len(sig) <= WIDTH:
+        return f"{name}{sig}"
+    params, ret = _split_params(sig)
+    return f"{name}(\n" + "".join(f"    {p},\n" for p in params) + ")" + ret
+
+
+def _split_params(sig: str) -> tuple[list[str], str]:
+    """'(a, b: dict[str, int] = {}, *, c=1) -> X' -> (['a', 'b: ...', '*', 'c=1'], ' -> X')."""
+    depth, quote, cur, out = 0, "", "", []
+    for i, ch in enumerate(sig[1:], 1):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            if depth == 0:                         # the closing parenthesis of the parameters
+                return out + ([cur.strip()] if cur.strip() else []), sig[i + 1:]
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+            continue
+        cur += ch
+    return out + [cur.strip()], ""
 
 
 def _entry(level: str, title: str, sig: str, doc: str | None) -> list[str]:
