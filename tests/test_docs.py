@@ -154,3 +154,15 @@ def test_benchmarks_page_has_every_bench():
     benches = sorted(p.name for p in (DOCS.parent / "bench").glob("*.py"))
     heads = _headings("benchmarks.md")
     assert [b for b in benches if f"bench/{b}" not in heads] == []
+
+
+def test_long_signatures_one_parameter_per_line():
+    params, ret = docgen._split_params("(a, b: 'dict[str, int]' = {'x': (1, 2)}, *, c='a,b') -> 'X'")
+    assert params == ["a", "b: 'dict[str, int]' = {'x': (1, 2)}", "*", "c='a,b'"] and ret == " -> 'X'"
+
+    def f(alpha_parameter_name: int = 1, beta_parameter_name: str = "b", *, gamma_parameter_name=None,
+          delta_parameter_name=2):
+        pass
+    assert docgen.signature(f, "f").splitlines() == [
+        "f(", "    alpha_parameter_name: 'int' = 1,", "    beta_parameter_name: 'str' = 'b',", "    *,",
+        "    gamma_parameter_name=None,", "    delta_parameter_name=2,", ")"]
