@@ -4,6 +4,7 @@ import importlib.util
 import inspect
 import math
 import socket
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -265,3 +266,17 @@ def test_compile_makes_the_codec_a_plan_dimension_with_measured_accuracy_and_byt
         art.table.plans) - 1]
     # the default stays fp32 only: nothing measured, no coded plan
     assert inspect.signature(edgecut.compile).parameters["codecs"].default == ("fp32",)
+
+
+@pytest.mark.slow
+def test_bench_codecs_runs_and_prints_its_last_line(tmp_path):
+    import re
+    import subprocess
+
+    bench = Path(__file__).parent.parent / "bench" / "codecs.py"
+    r = subprocess.run([sys.executable, str(bench), "--requests", "20", "--bandwidths", "1,8", "--epochs", "2",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=3000)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"codecs: mean latency ratio (\d+\.\d\d|n/a) \(coded / fp32\) at <= 8 Mbit/s.*"
+                        r"worst accuracy loss -?\d+\.\d points, bytes ratio (\d+\.\d\d|n/a)", last), last
