@@ -303,9 +303,12 @@ class Artifact:
         if res.done:
             return Simulation(res.outputs["logits"], plan, res.exit_id, res.exit_id != plan.exit, res.seconds,
                               0.0, 0.0, 0, device.backend)
-        sent = sum(int(a.nbytes) for a in res.outputs.values())
+        from edgecut.runtime.protocol import pack_tensors, unpack_tensors
+
+        packed = pack_tensors(res.outputs, plan.codec)               # the codec's lossless stage, if any
+        sent = sum(int(a.nbytes) for a in packed.values())
         edge = self._part("edge")
-        out = edge.run(plan.id, res.outputs)
+        out = edge.run(plan.id, unpack_tensors(packed, plan.codec))
         transfer = link.transfer_seconds(sent, int(out.outputs["logits"].nbytes))
         return Simulation(out.outputs["logits"], plan, out.exit_id, False, res.seconds, transfer, out.seconds,
                           sent, device.backend)
