@@ -77,6 +77,10 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     if _trained(model):                                                  # a graph compile already right-sized
         gm, exit_info = model, dict(model.meta.get(meta.RIGHT_SIZING, {}))
     else:
+        if getattr(model, "training", False):
+            warnings.warn(f"{type(model).__name__} is in training mode: it is compiled as it is (dropout "
+                          "active, batch norms with each request's own statistics); call model.eval() "
+                          "first for inference", UserWarning, stacklevel=2)
         gm = trace(model, example_input)                                 # fx graph + layer metadata
         require_one_output(gm)                                           # one tensor: the logits
         gm, exit_info = _right_size(gm, exits, data, example_input, epochs, max_accuracy_loss, num_exits, progress)

@@ -81,10 +81,33 @@ def _aten_batch_norm(node: fx.Node, importer):
         return importer.env[args[i]] if args[i] is not None else relax.const(np.full(channel, fill), dtype)
 
     eps = args[7] if args[7] is not None else node.kwargs.get("eps", 1e-5)
+    if args[5]:                       # training: the batch's own statistics (NF-Nets standardize
+        return _batch_stats_norm(importer, x, args, float(eps))   # weights this way), no running ones
     bn = importer.block_builder.emit(relax.op.nn.batch_norm(
         x, arg(1, 1.0), arg(2, 0.0), arg(3, 0.0), arg(4, 1.0), axis=1,
         epsilon=float(eps), scale=args[1] is not None, center=args[2] is not None, training=False))
     return importer.block_builder.emit(bn[0])
+
+
+def _batch_stats_norm(importer, x, args, eps: float):
+    """batch_norm(training=True): (x - mean) / sqrt(var + eps) * weight + bias, mean and biased
+    variance over every axis but the channel (1). Running statistics are not updated: compiled
+    code is inference."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    ndim = len(importer.shape_of(x))
+    axes = [a for a in range(ndim) if a != 1]
+    mean = bb.emit(relax.op.mean(x, axes, keepdims=True))
+    var = bb.emit(relax.op.variance(x, axes, keepdims=True))
+    y = bb.emit(relax.op.divide(relax.op.subtract(x, mean), relax.op.sqrt(
+        relax.op.add(var, relax.const(eps, x.ty.dtype.dtype)))))
+    shape = [1, -1] + [1] * (ndim - 2)
+    if args[1] is not None:
+        y = bb.emit(relax.op.multiply(y, relax.op.reshape(importer.env[args[1]], shape)))
+    if args[2] is not None:
+        y = bb.emit(relax.op.add(y, relax.op.reshape(importer.env[args[2]], shape)))
+    return y
 
 
 # converters that replace TVM's for ATen ops it gets wrong
@@ -186,11 +209,6 @@ def _import_exported(gm, example_args):
 
     ep, missing = export_segment_program(gm, example_args)
     _normalize_args(ep)
-    training = [n.name for n in ep.graph.nodes if getattr(n.target, "__name__", "") == "batch_norm.default"
-                and len(n.args) > 5 and n.args[5]]
-    if training:
-        raise ImportFailed(f"batch norm in training mode at node {training[0]!r}; call model.eval() first",
-                           "batch_norm (training)", training[0])
     if missing:
         op, node = missing[0]
         raise ImportFailed(f"TVM's exported-program importer does not support {op} at node {node!r}",

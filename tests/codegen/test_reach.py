@@ -111,3 +111,31 @@ def test_torchvision_model_split_in_the_middle(name):
     cuts = find_cuts(gm)
     res = check_cuts(gm, x, [cuts[len(cuts) // 2]])
     assert not res.fallbacks and res.ok, (res.errors, res.fallbacks, res.failures)
+
+
+class _StdConv(nn.Module):
+    """Weight-standardized convolutions (NF-Nets, timm's ScaledStdConv2d): batch_norm in training
+    mode over the weights, a weight-only computation TVM must compile, not refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(8, 3, 3, 3)), nn.Parameter(torch.randn(8, 8, 3, 3))
+
+    @staticmethod
+    def std(w):
+        return torch.nn.functional.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True,
+                                              momentum=0.0, eps=1e-5).reshape_as(w)
+
+    def forward(self, x):
+        x = torch.relu(torch.nn.functional.conv2d(x, self.std(self.w1), padding=1))
+        return torch.nn.functional.conv2d(x, self.std(self.w2), padding=1).mean((2, 3))
+
+
+def test_weight_standardization_compiles_with_tvm(tmp_path):
+    torch.manual_seed(0)
+    model, x = _StdConv().eval(), torch.randn(1, 3, 16, 16)
+    gm = edgecut.trace(model, x)
+    mid = next(n.name for n in gm.graph.nodes if n.name.startswith("relu"))
+    res = check_cuts(gm, x, [mid], out_dir=tmp_path)
+    assert not res.fallbacks, res.fallbacks
+    assert res.ok, (res.errors, res.failures)
