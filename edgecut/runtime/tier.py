@@ -8,19 +8,22 @@ with its own replica bounds: Serve places the replicas, scales them between `min
 The front calls a replica as a plain Ray actor (the replica actor's `handle_request`, with the
 request metadata a Serve handle would send), not through a `DeploymentHandle`: measured here, a
 handle call costs ~4-7 ms at the median, an actor call ~1-2 ms. The replicas are found by name
-(`SERVE_REPLICA::<app>#edge#...`) every `refresh_s` and after any failure; each request goes to
-the replica with the fewest requests in flight from this front. This uses Serve internals pinned
-by `ray[serve]==2.60.0`; `route="handle"` uses the public DeploymentHandle instead. The median
-of an empty call at start (`overhead_s`) is added to the edge times the welcome sends, so a
-device plans with what the tier costs it; online correction sees the rest (queue_s).
+(`SERVE_REPLICA::<app>#edge#...`) every `refresh_s` and after any failure. This uses Serve
+internals pinned by `ray[serve]==2.60.0`; `route="handle"` uses the public DeploymentHandle
+instead. The median of an empty call at start (`overhead_s`) is added to the edge times the
+welcome sends, so a device plans with what the tier costs it; online correction sees the rest.
 
-Batching: a request that finds others in flight for its model, and whose remaining time leaves
-room for the batch wait plus a full batch, goes to the replica's `run_batched` (`@serve.batch`, up to `max_batch` requests from any devices,
-waiting at most `batch_wait_s`); any other request takes `run`, the batch-1 latency path. The
-artifacts are compiled at batch 1, so a batch is its requests run back to back in one replica
-call: it saves the front->replica hop per request, not compute. A replica that dies mid-request
-costs that request one retry on another replica if its deadline still leaves an edge run;
-otherwise it expires in time and the device answers from its local exit.
+Batching happens in the front, so a batch costs one Ray call, not one per request: connection
+threads queue their requests; one dispatcher thread per model takes, whenever a replica has a
+free slot (`per_replica` calls in flight: one computing, one on its way), the oldest request and
+up to `max_batch - 1` more of the same plan, and sends them in one call to the replica's
+`run_many`, which runs them as one batch (`executor.run_batch`: the part's batch-N libraries
+when it has them). Alone, a request goes at once (batch 1, the latency path); when other calls
+are in flight a short batch waits for company at most `batch_wait_s`, and never past what its
+oldest request's deadline leaves. A request waits in the front, not in a replica, so it can
+expire there without costing compute. A replica that dies mid-call costs each of its requests
+one retry on another replica if its deadline still leaves an edge run; otherwise it expires in
+time and the device answers from its local exit.
 """
 from __future__ import annotations
 
@@ -30,9 +33,11 @@ import pickle
 import threading
 import time
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from edgecut.errors import ArtifactError, UsageError
-from edgecut.runtime.executor import Busy, Expired, run_part
+from edgecut.runtime.executor import Busy, Expired, run_batch
 
 log = logging.getLogger("edgecut.runtime.tier")
 
@@ -50,12 +55,8 @@ except ImportError:  # pragma: no cover - the message says what to do
 
 
 
-class _NoReplica(Exception):
-    """No replica of the model is up right now (all restarting)."""
-
-
-_FAILED = (_NoReplica,) + ((ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                            ray.exceptions.WorkerCrashedError) if ray is not None else ())
+_FAILED = ((ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+            ray.exceptions.WorkerCrashedError) if ray is not None else ())
 _QUIET = {"enable_access_log": False, "log_level": "WARNING"}
 
 
@@ -86,35 +87,51 @@ if serve is not None:
         """One replica of a model's edge part. `artifact`: a path (loaded here, so a replica on
         another machine needs the artifact at the same path) or a picklable part."""
 
-        def __init__(self, artifact, backend: str = "tvm", max_batch: int = 8, batch_wait_s: float = 0.002):
+        def __init__(self, artifact, backend: str = "tvm"):
             if isinstance(artifact, (str, os.PathLike)):
                 from edgecut.codegen.load import load
                 artifact = load(artifact, side="edge", backend=backend)
             self.part = artifact
-            self.run_batched.set_max_batch_size(max_batch)
-            self.run_batched.set_batch_wait_timeout_s(batch_wait_s)
 
-        def run(self, plan_id: str, tensors: dict, budget_s: float):
-            return _run_one(self.part, plan_id, tensors, time.monotonic() + budget_s, 1)
-
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-        async def run_batched(self, plan_ids, tensors, budgets):
-            now, n = time.monotonic(), len(plan_ids)
-            return [_run_one(self.part, p, t, now + b, n) for p, t, b in zip(plan_ids, tensors, budgets)]
+        def run_many(self, plan_id: str, tensors: list, budgets: list):
+            """One reply per request: ('ok', outputs, edge seconds, batch size), ('expired',)
+            (its budget, seconds from now, ran out before it started) or ('bad', message)."""
+            now = time.monotonic()
+            live = [i for i, b in enumerate(budgets) if b > 0]
+            replies: list = [("expired",)] * len(budgets)
+            if not live:
+                return replies
+            try:
+                outs, seconds = run_batch(self.part, plan_id, [tensors[i] for i in live])
+                for i, out in zip(live, outs):
+                    replies[i] = ("ok", out, seconds, len(live))
+            except ArtifactError:       # one request's bad tensors must not fail the others
+                for i in live:
+                    if time.monotonic() - now >= budgets[i]:
+                        continue
+                    try:
+                        (out,), seconds = run_batch(self.part, plan_id, [tensors[i]])
+                        replies[i] = ("ok", out, seconds, 1)
+                    except ArtifactError as e:
+                        replies[i] = ("bad", str(e))
+            return replies
 
         def pid(self) -> int:
             return os.getpid()
 
 
-def _run_one(part, plan_id: str, tensors: dict, expiry: float, batch: int):
-    """('ok', outputs, edge seconds, batch size), ('expired',) or ('bad', message)."""
-    if time.monotonic() >= expiry:
-        return ("expired",)
-    try:
-        out, seconds = run_part(part, plan_id, tensors)
-    except ArtifactError as e:
-        return ("bad", str(e))
-    return ("ok", out, seconds, batch)
+class _Request:
+    """One admitted request on its way through the front's queue to a replica."""
+
+    __slots__ = ("plan", "tensors", "expiry", "done", "reply", "gone", "tries", "avoid")
+
+    def __init__(self, plan: str, tensors: dict, expiry: float):
+        self.plan, self.tensors, self.expiry = plan, tensors, expiry
+        self.done, self.reply, self.gone, self.tries, self.avoid = threading.Event(), None, False, 0, None
+
+    def finish(self, reply) -> None:
+        self.reply = reply
+        self.done.set()
 
 
 class RayExecutor:
@@ -126,32 +143,32 @@ class RayExecutor:
     def __init__(self, part, artifact=None, *, min_replicas: int = 1, max_replicas: int = 2, max_batch: int = 8,
                  batch_wait_s: float = 0.002, batching: bool = True, max_queue: int = 256, backend: str = "tvm",
                  replica_cpus: float = 1.0, route: str = "direct", refresh_s: float = 1.0,
-                 target_ongoing: float | None = None):
+                 target_ongoing: float | None = None, per_replica: int = 2):
         _need_ray()
         from edgecut.runtime import protocol as P
         if not 1 <= min_replicas <= max_replicas:
             raise UsageError(f"replica bounds {min_replicas}:{max_replicas}: need 1 <= MIN <= MAX")
         model, sha = P.manifest_identity(part)
         self.app = f"edgecut-{model}-{sha[:12]}"
-        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
-        self.batching = batching and max_batch > 1
-        self.per_replica = max_batch if self.batching else 2
+        self.max_batch = max_batch if batching else 1
+        self.batch_wait_s, self.per_replica = batch_wait_s, per_replica
         self.max_queue, self.route, self.refresh_s = max_queue, route, refresh_s
         self.max_replicas = max_replicas
-        self._est_s = 0.005         # running estimate of one edge run, for the batch decision
+        self._est_s = 0.005         # running estimate of one replica call's compute
         app = EdgeReplica.options(
-            max_ongoing_requests=max(2 * max_batch, 8),
+            max_ongoing_requests=max(4 * per_replica, 8),
             ray_actor_options={"num_cpus": replica_cpus},
             autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
                                 "initial_replicas": min_replicas,
-                                "target_ongoing_requests": target_ongoing or max(1.0, self.per_replica / 2),
+                                "target_ongoing_requests": target_ongoing or max(1.0, per_replica / 2),
                                 "upscale_delay_s": 2.0, "downscale_delay_s": 30.0, "metrics_interval_s": 0.5,
                                 "look_back_period_s": 2.0},
-        ).bind(artifact if artifact is not None else part, backend, max_batch, batch_wait_s)
+        ).bind(artifact if artifact is not None else part, backend)
         self.handle = serve.run(app, name=self.app, route_prefix=None)
         self._lock = threading.Lock()
-        self._free = threading.Condition(self._lock)     # a replica's slot freed
+        self._free = threading.Condition(self._lock)     # a replica's slot freed, or a request queued
         self._refreshing = threading.Lock()
+        self._queue: deque[_Request] = deque()
         self._pending = 0
         self._inflight: dict[str, int] = {}
         self._actors: dict[str, object] = {}
@@ -159,11 +176,15 @@ class RayExecutor:
         self._probe_after: dict[str, float] = {}
         self._orphans: list = []
         self._refreshed = 0.0
+        self._closed = False
         end = time.monotonic() + 60
         while len(self._actors) < min_replicas and time.monotonic() < end:
             self._refresh(force=True)
             time.sleep(0.02)
         self.overhead_s = self._hop()
+        self._calls = ThreadPoolExecutor(max_replicas * per_replica + 1, thread_name_prefix="edgecut-tier-call")
+        self._dispatcher = threading.Thread(target=self._dispatch, name=f"edgecut-tier-{model}", daemon=True)
+        self._dispatcher.start()
 
     def _hop(self, n: int = 21) -> float:
         """Median seconds of an empty call to a replica: what the tier adds to each edge time."""
@@ -243,10 +264,8 @@ class RayExecutor:
             self._free.notify_all()
 
     def _pick(self, avoid: str | None, expiry: float):
-        """The replica with the fewest of this front's requests in flight, below `per_replica`
-        (max_batch when batching, else 2: one computing, one on its way). When all are full the
-        request waits here, in the front, where it can expire without costing a replica any
-        compute: a replica never works on a request that is already late."""
+        """The replica with the fewest of this front's calls in flight, below `per_replica`;
+        (None, None) when none is up. Waits for a free slot until `expiry` (then `Expired`)."""
         while True:
             self._refresh()
             with self._free:
@@ -267,7 +286,7 @@ class RayExecutor:
         with self._free:
             if name in self._inflight:
                 self._inflight[name] -= 1
-                self._free.notify()
+                self._free.notify_all()
 
     # ------------------------------------------------------------------------------ requests
     def infer(self, plan_id: str, tensors: dict, received: float, expiry: float, abandon=None):
@@ -275,72 +294,136 @@ class RayExecutor:
             if self._pending >= self.max_queue:
                 raise Busy(f"edge tier queue is full ({self.max_queue} requests in flight); retry or run locally")
             self._pending += 1
+            req = _Request(plan_id, tensors, expiry)
+            self._queue.append(req)
+            self._free.notify_all()
         try:
-            return self._infer(plan_id, tensors, received, expiry)
+            if not req.done.wait(max(0.0, expiry - time.monotonic())):
+                req.gone = True         # the dispatcher drops it; a call holding it ignores it
+                raise Expired()
         finally:
             with self._lock:
                 self._pending -= 1
-
-    def _infer(self, plan_id: str, tensors: dict, received: float, expiry: float):
-        avoid, tries = None, 0
-        while True:
-            started = time.monotonic()
-            left = expiry - started
-            if left <= 0:
-                raise Expired()
-            batched = (self.batching and self._pending > 1      # alone: the batch-1 latency path
-                       and left > self.batch_wait_s + (self.max_batch + 1) * self._est_s)
-            try:
-                reply = self._call(plan_id, tensors, left, batched, avoid)
-            except _NoReplica:          # all restarting: give Serve a moment, while the deadline allows
-                time.sleep(max(0.0, min(0.05, expiry - time.monotonic() - self._est_s)))
-                self._refresh(force=True)
-                continue
-            except _FAILED as e:
-                tries += 1
-                self._refresh(force=True)
-                left = expiry - time.monotonic()
-                if tries > 1 or left < 2 * self._est_s:
-                    log.info("%s: replica failed (%s); %s", self.app, type(e).__name__,
-                                "no time left for a retry" if tries == 1 else "retry failed too")
-                    raise Expired() from None     # answered now: the device runs its local exit
-                avoid = getattr(e, "_edgecut_replica", None)
-                continue
-            if reply[0] == "expired":
-                raise Expired()
-            if reply[0] == "bad":
-                raise ArtifactError(reply[1])
+        reply = req.reply
+        if reply[0] == "ok":
             _, out, edge_s, batch = reply
-            self._est_s = 0.9 * self._est_s + 0.1 * edge_s
-            return out, max(0.0, time.monotonic() - started - edge_s), edge_s, batch
+            return out, max(0.0, time.monotonic() - received - edge_s), edge_s, batch
+        if reply[0] == "bad":
+            raise ArtifactError(reply[1])
+        raise Expired()
 
-    def _call(self, plan_id, tensors, left: float, batched: bool, avoid):
-        method = "run_batched" if batched else "run"
-        budget = left - (self.batch_wait_s if batched else 0.0)
+    def _dispatch(self) -> None:
+        """The dispatcher thread: batches from the queue, one Ray call each (module docstring)."""
+        while not self._closed:
+            with self._free:
+                while not self._closed and not self._live_head():
+                    self._free.wait(0.5)
+                if self._closed:
+                    return
+                head = self._queue[0]
+            try:
+                name, actor = self._pick(head.avoid, head.expiry)
+            except Expired:
+                continue                # the head is past its deadline: its connection answers
+            if actor is None:           # all restarting: give Serve a moment
+                time.sleep(0.05)
+                self._refresh(force=True)
+                continue
+            batch = self._take(head.plan)
+            if not batch:
+                self._release(name)
+                continue
+            self._calls.submit(self._send, name, actor, batch)
+
+    def _live_head(self) -> bool:       # with self._lock held: drop expired requests at the head
+        while self._queue and (self._queue[0].gone or self._queue[0].expiry <= time.monotonic()):
+            self._queue.popleft()
+        return bool(self._queue)
+
+    def _take(self, plan: str) -> list:
+        """Up to max_batch live requests of `plan`, oldest first. A short batch waits for more
+        only while other calls are in flight, at most batch_wait_s, never past its deadline."""
+        with self._free:
+            if self.max_batch > 1 and sum(self._inflight.values()) > 1:
+                wait_end = time.monotonic() + self.batch_wait_s
+                while len(self._queue) < self.max_batch:
+                    live = [r.expiry for r in self._queue if not r.gone]
+                    left = min(wait_end, min(live, default=0.0) - 2 * self._est_s) - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._free.wait(left)
+            batch, keep, now = [], deque(), time.monotonic()
+            while self._queue:
+                r = self._queue.popleft()
+                if r.gone or r.expiry <= now:
+                    continue
+                (batch if r.plan == plan and len(batch) < self.max_batch else keep).append(r)
+            self._queue = keep
+            return batch
+
+    def _send(self, name: str, actor, batch: list) -> None:
+        """A call thread: one replica call for `batch`; each request finished, or re-queued once
+        at the front of the queue when the replica died and its deadline leaves another run."""
+        failed = False
+        try:
+            replies = self._call(actor, batch)
+        except Expired:
+            replies = [("expired",)] * len(batch)
+        except _FAILED as e:
+            failed = True
+            log.info("%s: replica failed (%s) with %d request(s)", self.app, type(e).__name__, len(batch))
+            replies = None
+        except Exception as e:  # a bug must cost this batch, not the dispatcher
+            log.error("%s: replica call failed", self.app, exc_info=e)
+            replies = [("bad", f"{type(e).__name__}: {e}")] * len(batch)
+        finally:
+            self._release(name)
+        if failed:
+            self._refresh(force=True)
+            now, retry = time.monotonic(), []
+            for r in batch:
+                if r.tries == 0 and r.expiry - now >= 2 * self._est_s and not r.gone:
+                    r.tries, r.avoid = 1, name
+                    retry.append(r)
+                else:
+                    r.finish(("expired",))      # answered now: the device runs its local exit
+            with self._free:
+                self._queue.extendleft(reversed(retry))
+                self._free.notify_all()
+            return
+        for r, reply in zip(batch, replies):
+            r.finish(reply)
+        edge = [rep[2] for rep in replies if rep[0] == "ok"]
+        if edge:
+            self._est_s = 0.9 * self._est_s + 0.1 * edge[0]
+
+    def _call(self, actor, batch: list):
+        plan, now = batch[0].plan, time.monotonic()
+        budgets = [r.expiry - now for r in batch]
+        left = max(budgets)
+        if left <= 0:
+            raise Expired()
+        args = (plan, [r.tensors for r in batch], budgets)
         if self.route == "handle":
-            resp = getattr(self.handle, method).remote(plan_id, tensors, budget)
+            resp = self.handle.run_many.remote(*args)
             try:
                 return resp.result(timeout_s=left)
             except TimeoutError:
                 resp.cancel()
                 raise Expired() from None
-        name, actor = self._pick(avoid, time.monotonic() + left)
-        if actor is None:
-            raise _NoReplica()
+        ref = actor.handle_request.remote(_metadata(self.app, "run_many"), *args)
         try:
-            ref = actor.handle_request.remote(_metadata(self.app, method), plan_id, tensors, budget)
-            try:
-                return ray.get(ref, timeout=left)
-            except ray.exceptions.GetTimeoutError:
-                ray.cancel(ref)
-                raise Expired() from None
-        except _FAILED as e:
-            e._edgecut_replica = name
-            raise
-        finally:
-            self._release(name)
+            return ray.get(ref, timeout=left)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref)
+            raise Expired() from None
 
     def close(self) -> None:
+        with self._free:
+            self._closed = True
+            self._free.notify_all()
+        self._dispatcher.join(5)
+        self._calls.shutdown(wait=False, cancel_futures=True)
         try:
             serve.delete(self.app)
         except Exception as e:  # the cluster may already be gone
