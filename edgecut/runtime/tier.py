@@ -76,7 +76,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
               runtime_env={"env_vars": dict(_ENV)})
     if address:
         ray.init(address=address, **kw)
-    else:
+    else:   # Ray runs its workers at nice 15; replicas are the serving work here, not background
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=num_cpus, **kw)
     serve.start(logging_config=_QUIET)
 
@@ -143,7 +144,7 @@ class RayExecutor:
     def __init__(self, part, artifact=None, *, min_replicas: int = 1, max_replicas: int = 2, max_batch: int = 8,
                  batch_wait_s: float = 0.002, batching: bool = True, max_queue: int = 256, backend: str = "tvm",
                  replica_cpus: float = 1.0, route: str = "direct", refresh_s: float = 1.0,
-                 target_ongoing: float | None = None, per_replica: int = 2):
+                 target_ongoing: float | None = None, per_replica: int = 2, hang_s: float = 2.0):
         _need_ray()
         from edgecut.runtime import protocol as P
         if not 1 <= min_replicas <= max_replicas:
@@ -153,7 +154,7 @@ class RayExecutor:
         self.max_batch = max_batch if batching else 1
         self.batch_wait_s, self.per_replica = batch_wait_s, per_replica
         self.max_queue, self.route, self.refresh_s = max_queue, route, refresh_s
-        self.max_replicas = max_replicas
+        self.max_replicas, self.hang_s = max_replicas, hang_s
         self._est_s = 0.005         # running estimate of one replica call's compute
         app = EdgeReplica.options(
             max_ongoing_requests=max(4 * per_replica, 8),
@@ -293,6 +294,8 @@ class RayExecutor:
         with self._lock:
             if self._pending >= self.max_queue:
                 raise Busy(f"edge tier queue is full ({self.max_queue} requests in flight); retry or run locally")
+            if self._late(expiry):
+                raise Expired()         # answered at once: the device has its whole deadline for its exit
             self._pending += 1
             req = _Request(plan_id, tensors, expiry)
             self._queue.append(req)
@@ -312,6 +315,16 @@ class RayExecutor:
             raise ArtifactError(reply[1])
         raise Expired()
 
+    def _late(self, expiry: float) -> bool:
+        """(With self._lock held) whether a request queued now would finish past `expiry`: the
+        calls ahead of it, spread over the replicas' slots, then its own."""
+        slots = len(self._actors) * self.per_replica
+        if not slots:
+            return False
+        call = self._est_s + self.overhead_s
+        ahead = len(self._queue) // self.max_batch + sum(self._inflight.values())
+        return time.monotonic() + (ahead // slots + 1) * call > expiry
+
     def _dispatch(self) -> None:
         """The dispatcher thread: batches from the queue, one Ray call each (module docstring)."""
         while not self._closed:
@@ -323,8 +336,12 @@ class RayExecutor:
                 head = self._queue[0]
             try:
                 name, actor = self._pick(head.avoid, head.expiry)
-            except Expired:
-                continue                # the head is past its deadline: its connection answers
+            except Expired:             # no slot in time for the head: answered now, not at its deadline
+                with self._free:
+                    if self._queue and self._queue[0] is head:
+                        self._queue.popleft()
+                head.finish(("expired",))
+                continue
             if actor is None:           # all restarting: give Serve a moment
                 time.sleep(0.05)
                 self._refresh(force=True)
@@ -407,13 +424,13 @@ class RayExecutor:
         if self.route == "handle":
             resp = self.handle.run_many.remote(*args)
             try:
-                return resp.result(timeout_s=left)
+                return resp.result(timeout_s=left + self.hang_s)
             except TimeoutError:
                 resp.cancel()
                 raise Expired() from None
         ref = actor.handle_request.remote(_metadata(self.app, "run_many"), *args)
-        try:
-            return ray.get(ref, timeout=left)
+        try:   # past the deadlines too: the replica still computes, and its slot stays taken till then
+            return ray.get(ref, timeout=left + self.hang_s)
         except ray.exceptions.GetTimeoutError:
             ray.cancel(ref)
             raise Expired() from None
