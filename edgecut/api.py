@@ -34,7 +34,7 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
             data=None, profile=None, objective: str = "accuracy", *, edge_profile=None, rtt=0.0,
             margin=0.0, epochs: int = 15, max_accuracy_loss: float = 0.01, num_exits: int = 5,
             allow_uncalibrated: bool = False, out_dir=None, backend: str = "tvm", name: str | None = None,
-            progress: bool = True) -> "Artifact":
+            progress: bool = True, edge_batches=()) -> "Artifact":
     """Compile `model` into a device/edge artifact that meets `deadline` with the best accuracy.
 
     target, edge: `Target` names (`edgecut.targets.known()`); profile / edge_profile: cost profiles
@@ -45,7 +45,8 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     Datasets, or `edgecut.data.Splits`). `model` may also be `artifact.gm` of an earlier compile
     with exits: it is then compiled again (another deadline, another target) without retraining. objective: "accuracy" (Edgent) or "latency"
     (Neurosurgeon). margin: relative prediction error to plan for, or "p95" for the profiles'
-    95th-percentile error (ALERT). rtt: the link's round trip in seconds or "20ms".
+    95th-percentile error (ALERT). rtt: the link's round trip in seconds or "20ms". edge_batches:
+    more batch sizes for the edge segments (e.g. (4, 8), for `edgecut serve --ray` batching).
     """
     from edgecut.codegen.artifact import build_artifact
     from edgecut.costmodel.profile import load_profile
@@ -87,7 +88,7 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgecut-"))
     manifest = build_artifact(gm, table, device_t, edge_t, out, (example_input,), backend=backend,
                               model_name=name or type(model).__name__, progress=progress, info=info,
-                              candidates=candidates(gm, keep=table.plans))
+                              candidates=candidates(gm, keep=table.plans), edge_batches=edge_batches)
     manifest = _plan_as_built(gm, manifest, dev_prof, edge_prof, rtt, overhead, objective, margin, bool(caught))
     manifest.write(out)
     return Artifact(out, manifest, gm)
