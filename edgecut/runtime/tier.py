@@ -155,7 +155,8 @@ class RayExecutor:
         self.batch_wait_s, self.per_replica = batch_wait_s, per_replica
         self.max_queue, self.route, self.refresh_s = max_queue, route, refresh_s
         self.max_replicas, self.hang_s = max_replicas, hang_s
-        self._est_s = 0.005         # running estimate of one replica call's compute
+        self._est_s = 0.005         # running estimates of one replica call's compute,
+        self._call_s = 0.01         # and of the whole call as the front sees it (hop, queues, compute)
         app = EdgeReplica.options(
             max_ongoing_requests=max(4 * per_replica, 8),
             ray_actor_options={"num_cpus": replica_cpus},
@@ -298,8 +299,12 @@ class RayExecutor:
                 raise Expired()         # answered at once: the device has its whole deadline for its exit
             self._pending += 1
             req = _Request(plan_id, tensors, expiry)
-            self._queue.append(req)
-            self._free.notify_all()
+            slot = self._idle_slot()
+            if slot is None:
+                self._queue.append(req)
+                self._free.notify_all()
+        if slot is not None:            # nothing queued, a replica free: call it from this thread
+            self._send(*slot, [req])
         try:
             if not req.done.wait(max(0.0, expiry - time.monotonic())):
                 req.gone = True         # the dispatcher drops it; a call holding it ignores it
@@ -315,13 +320,24 @@ class RayExecutor:
             raise ArtifactError(reply[1])
         raise Expired()
 
+    def _idle_slot(self):
+        """(With self._lock held) (name, actor) of a replica with no call in flight when nothing
+        is queued (the batch-1 latency path, no handoff to the dispatcher), its slot taken; else None."""
+        if self._queue:
+            return None
+        for name, n in self._inflight.items():
+            if n == 0 and name in self._actors:
+                self._inflight[name] = 1
+                return name, self._actors[name]
+        return None
+
     def _late(self, expiry: float) -> bool:
         """(With self._lock held) whether a request queued now would finish past `expiry`: the
         calls ahead of it, spread over the replicas' slots, then its own."""
         slots = len(self._actors) * self.per_replica
         if not slots:
             return False
-        call = self._est_s + self.overhead_s
+        call = self._call_s
         ahead = len(self._queue) // self.max_batch + sum(self._inflight.values())
         return time.monotonic() + (ahead // slots + 1) * call > expiry
 
@@ -381,7 +397,7 @@ class RayExecutor:
     def _send(self, name: str, actor, batch: list) -> None:
         """A call thread: one replica call for `batch`; each request finished, or re-queued once
         at the front of the queue when the replica died and its deadline leaves another run."""
-        failed = False
+        failed, t0 = False, time.monotonic()
         try:
             replies = self._call(actor, batch)
         except Expired:
@@ -413,6 +429,7 @@ class RayExecutor:
         edge = [rep[2] for rep in replies if rep[0] == "ok"]
         if edge:
             self._est_s = 0.9 * self._est_s + 0.1 * edge[0]
+            self._call_s = 0.9 * self._call_s + 0.1 * (time.monotonic() - t0)
 
     def _call(self, actor, batch: list):
         plan, now = batch[0].plan, time.monotonic()
