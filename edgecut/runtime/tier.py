@@ -94,9 +94,11 @@ if serve is not None:
                 artifact = load(artifact, side="edge", backend=backend)
             self.part = artifact
 
-        def run_many(self, plan_id: str, tensors: list, budgets: list):
+        async def run_many(self, plan_id: str, tensors: list, budgets: list):
             """One reply per request: ('ok', outputs, edge seconds, batch size), ('expired',)
-            (its budget, seconds from now, ran out before it started) or ('bad', message)."""
+            (its budget, seconds from now, ran out before it started) or ('bad', message).
+            async: it computes on the replica's user-code event loop, without Serve's hop to a
+            worker thread for a plain method (one computes at a time either way)."""
             now = time.monotonic()
             live = [i for i, b in enumerate(budgets) if b > 0]
             replies: list = [("expired",)] * len(budgets)
@@ -155,8 +157,7 @@ class RayExecutor:
         self.batch_wait_s, self.per_replica = batch_wait_s, per_replica
         self.max_queue, self.route, self.refresh_s = max_queue, route, refresh_s
         self.max_replicas, self.hang_s = max_replicas, hang_s
-        self._est_s = 0.005         # running estimates of one replica call's compute,
-        self._call_s = 0.01         # and of the whole call as the front sees it (hop, queues, compute)
+        self._est_s = 0.005         # running estimate of one replica call's compute
         app = EdgeReplica.options(
             max_ongoing_requests=max(4 * per_replica, 8),
             ray_actor_options={"num_cpus": replica_cpus},
@@ -332,14 +333,13 @@ class RayExecutor:
         return None
 
     def _late(self, expiry: float) -> bool:
-        """(With self._lock held) whether a request queued now would finish past `expiry`: the
-        calls ahead of it, spread over the replicas' slots, then its own."""
-        slots = len(self._actors) * self.per_replica
-        if not slots:
+        """(With self._lock held) whether a request queued now cannot finish by `expiry` even at
+        the least it could take: the queued batches ahead of it spread over the replicas, each
+        at least one edge run. A lower bound, so an idle queue never refuses anything."""
+        if not self._actors:
             return False
-        call = self._call_s
-        ahead = len(self._queue) // self.max_batch + sum(self._inflight.values())
-        return time.monotonic() + (ahead // slots + 1) * call > expiry
+        rounds = len(self._queue) // self.max_batch // len(self._actors) + 1
+        return time.monotonic() + rounds * self._est_s > expiry
 
     def _dispatch(self) -> None:
         """The dispatcher thread: batches from the queue, one Ray call each (module docstring)."""
@@ -390,6 +390,9 @@ class RayExecutor:
                 r = self._queue.popleft()
                 if r.gone or r.expiry <= now:
                     continue
+                if r.expiry - now < self._est_s:    # cannot finish: answered now, no replica time spent
+                    r.finish(("expired",))
+                    continue
                 (batch if r.plan == plan and len(batch) < self.max_batch else keep).append(r)
             self._queue = keep
             return batch
@@ -397,7 +400,7 @@ class RayExecutor:
     def _send(self, name: str, actor, batch: list) -> None:
         """A call thread: one replica call for `batch`; each request finished, or re-queued once
         at the front of the queue when the replica died and its deadline leaves another run."""
-        failed, t0 = False, time.monotonic()
+        failed = False
         try:
             replies = self._call(actor, batch)
         except Expired:
@@ -429,7 +432,6 @@ class RayExecutor:
         edge = [rep[2] for rep in replies if rep[0] == "ok"]
         if edge:
             self._est_s = 0.9 * self._est_s + 0.1 * edge[0]
-            self._call_s = 0.9 * self._call_s + 0.1 * (time.monotonic() - t0)
 
     def _call(self, actor, batch: list):
         plan, now = batch[0].plan, time.monotonic()
