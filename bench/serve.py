@@ -278,24 +278,33 @@ def load(ray, w: Workload, server, label: str, devices: int, seconds: float, dea
     return r
 
 
-def one_device_rtt(w: Workload, server, runs: int = 100) -> float:
+def one_device_rtt(w: Workload, servers: dict, runs: int = 100) -> dict:
+    """Median co-inference latency of one device through a 20 ms RTT link to each of `servers`
+    (name -> server), one request to each in turn, so that both see the same machine load."""
+    from contextlib import ExitStack
+
     from edgecut.codegen.load import load as load_part
 
     if isinstance(w.artifact, str):
-        dev, x = load_part(w.artifact, side="device"), None
+        dev = load_part(w.artifact, side="device")
         x = np.random.default_rng(1).standard_normal(dev.manifest.inputs[0].shape, dtype=np.float32)
     else:
         dims = w.artifact.dims
         dev, x = NumpyPart("device", dims, w.artifact.table), np.ones((1, dims[0]), np.float32)
-    ts = []
-    with LinkEmulator(to=server.address, delay=0.010) as emu, \
-            DeviceRuntime(dev, edge=emu.address, probe_interval=None, initial_bandwidth=1e9) as rt:
+    ts = {name: [] for name in servers}
+    with ExitStack() as stack:
+        rts = {}
+        for name, server in servers.items():
+            emu = stack.enter_context(LinkEmulator(to=server.address, delay=0.010))
+            rts[name] = stack.enter_context(DeviceRuntime(dev, edge=emu.address, probe_interval=None,
+                                                          initial_bandwidth=1e9))
         for _ in range(runs):
-            t = time.perf_counter()
-            r = rt.infer(x)
-            ts.append(time.perf_counter() - t)
-            assert r.where == "edge", r.reason
-    return statistics.median(ts[10:])
+            for name, rt in rts.items():
+                t = time.perf_counter()
+                r = rt.infer(x)
+                ts[name].append(time.perf_counter() - t)
+                assert r.where == "edge", r.reason
+    return {name: statistics.median(v[10:]) for name, v in ts.items()}
 
 
 def fuzz(w: Workload, server, frames: int, deadline: float, senders: int = 8) -> tuple[int, int]:
@@ -384,9 +393,9 @@ def main() -> None:
               f"({args.kill_load:g} x the batched throughput), a replica killed every {args.kill_every:g} s", flush=True)
         kills = load(ray, w, server, "paced, kills ", args.devices, args.seconds, args.deadline, args.kill_every, rate)
         quiet = load(ray, w, server, "paced, quiet ", args.devices, min(args.seconds, 20.0), args.deadline, never, rate)
-        t_tier = one_device_rtt(w, server)
         with EdgeServer(w.artifact, "127.0.0.1", 0, calibrate=False) as local:
-            t_local = one_device_rtt(w, local)
+            rtt = one_device_rtt(w, {"tier": server, "local": local})
+        t_tier, t_local = rtt["tier"], rtt["local"]
         print(f"one device, 20 ms RTT: tier {t_tier * 1e3:.1f} ms, single process {t_local * 1e3:.1f} ms "
               f"median ({t_tier / t_local:.2f}x)", flush=True)
         sent, crashes = 0, 0

@@ -157,7 +157,8 @@ class RayExecutor:
         self.batch_wait_s, self.per_replica = batch_wait_s, per_replica
         self.max_queue, self.route, self.refresh_s = max_queue, route, refresh_s
         self.max_replicas, self.hang_s = max_replicas, hang_s
-        self._est_s = 0.005         # running estimate of one replica call's compute
+        self._est_s = 0.005         # running estimates of one replica call's compute,
+        self._call_s = 0.01         # and of the whole call as a call thread sees it (hop, queues, compute)
         app = EdgeReplica.options(
             max_ongoing_requests=max(4 * per_replica, 8),
             ray_actor_options={"num_cpus": replica_cpus},
@@ -385,12 +386,15 @@ class RayExecutor:
                     if left <= 0:
                         break
                     self._free.wait(left)
+            # A request with less time left than a call takes is answered now (no replica time
+            # spent on it), unless nothing else is in flight: then it goes, and the estimate learns.
+            need = self._call_s if sum(self._inflight.values()) > 1 else self._est_s
             batch, keep, now = [], deque(), time.monotonic()
             while self._queue:
                 r = self._queue.popleft()
                 if r.gone or r.expiry <= now:
                     continue
-                if r.expiry - now < self._est_s:    # cannot finish: answered now, no replica time spent
+                if r.expiry - now < need:
                     r.finish(("expired",))
                     continue
                 (batch if r.plan == plan and len(batch) < self.max_batch else keep).append(r)
@@ -400,7 +404,7 @@ class RayExecutor:
     def _send(self, name: str, actor, batch: list) -> None:
         """A call thread: one replica call for `batch`; each request finished, or re-queued once
         at the front of the queue when the replica died and its deadline leaves another run."""
-        failed = False
+        failed, t0 = False, time.monotonic()
         try:
             replies = self._call(actor, batch)
         except Expired:
@@ -432,6 +436,7 @@ class RayExecutor:
         edge = [rep[2] for rep in replies if rep[0] == "ok"]
         if edge:
             self._est_s = 0.9 * self._est_s + 0.1 * edge[0]
+            self._call_s = 0.9 * self._call_s + 0.1 * (time.monotonic() - t0)
 
     def _call(self, actor, batch: list):
         plan, now = batch[0].plan, time.monotonic()
