@@ -290,7 +290,10 @@ def summary(rows: list) -> str:
     m = sum(split_ok(r) for r in rows)
     times = [float(r["compile_s"]) for r in rows if r.get("compiles")]
     med = statistics.median(times) if times else math.nan
-    return f"corpus: {k}/{n} compile, {m}/{n} split-equals-whole at every cut, median compile {med:.0f} s"
+    worst = max((r for r in rows if r.get("compiles")), key=lambda r: float(r["compile_s"]), default=None)
+    slowest = f"slowest compile {float(worst['compile_s']):.0f} s ({worst['name']})\n" if worst else ""
+    return (f"{slowest}corpus: {k}/{n} compile, {m}/{n} split-equals-whole at every cut, "
+            f"median compile {med:.0f} s")
 
 
 def main(argv=None) -> int:

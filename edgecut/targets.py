@@ -29,11 +29,14 @@ class Target:
     description: str = ""
     aliases: tuple = field(default=())
 
-    def tvm_target(self):
-        """The `tvm.target.Target`, with `mcpu` of the host filled in for local targets."""
+    def tvm_target(self, opt_level: int | None = None):
+        """The `tvm.target.Target`, with `mcpu` of the host filled in for local targets; LLVM's
+        `opt_level` (0-3) when given."""
         import tvm
 
         spec = dict(self.tvm)
+        if opt_level is not None:
+            spec["opt-level"] = int(opt_level)
         if spec.get("kind") == "llvm" and spec.get("mcpu") == "native":
             spec["mcpu"] = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()
         if spec.get("host", {}).get("mcpu") == "native":

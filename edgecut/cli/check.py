@@ -99,8 +99,9 @@ def run(args) -> int:
                 from edgecut.codegen.load import Part
 
                 needed = set(Part.segments_needed(manifest, side))
+                built = manifest.libraries_of(side, None)    # TVM, or ONNX Runtime where TVM could not build
                 files = {manifest.onnx.get(s) for s in needed} if backend == "onnxruntime" else \
-                    {f for lib in manifest.libraries_of(side).values() if lib.segment in needed for f in (lib.file, lib.params)}
+                    {f for lib in built.values() if lib.segment in needed for f in (lib.file, lib.params) if f}
                 if any(f in absent for f in files):
                     why = "its files are absent"
             if why:
@@ -111,5 +112,7 @@ def run(args) -> int:
                 continue
             ok, msg = check_side(path, manifest, side, backend, args.tolerance)
             failed |= not ok
-            print(f"{side} ({backend}): {msg}")
+            ort = sorted(s for s in needed if backend == "tvm" and built[s].backend == "onnxruntime")
+            label = f"{backend}, {len(ort)} segment(s) on onnxruntime: {', '.join(ort)}" if ort else backend
+            print(f"{side} ({label}): {msg}")
     return 1 if failed else 0

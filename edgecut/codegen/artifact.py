@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from edgecut import targets as _targets
 from edgecut.codegen.build import build
 from edgecut.codegen.importer import ImportFailed, import_segment
+from edgecut.codegen.parallel import BuildFailed, Builds, build_one, jobs_for
 from edgecut.codegen.manifest import (FORMAT_VERSION, REFERENCE, Library, Manifest, TensorSpec, array_key,
                                       max_error, save_arrays, sha256)
 from edgecut.codegen.segment import _ancestors, exit_specs, segment_module, split
@@ -124,14 +125,25 @@ class _Fallback(Exception):
         self.op, self.node, self.reason, self.done = op, node, reason, done
 
 
-def _tvm_segment(s, seg_gm, ins, want, mine, sides, out, libs, check, bar, tolerance, stores):
-    """Import `s` once, compile it for each side in `mine` (once per distinct target), export the
-    libraries (appended to `libs`), and check the first one that runs here against PyTorch.
-    Returns its outputs (None when no library runs here); raises _Fallback."""
-    try:
-        mod, params = import_segment(seg_gm, [(x.shape, x.dtype) for x in ins], name=s.name, example_inputs=ins)
-    except ImportFailed as e:
-        raise _Fallback(e.op or "import", e.node or s.nodes[0], str(e)) from e
+def _import(s, seg_gm, ins, imports: dict):
+    """Segment `s` as (Relax module, weights), imported once (kept in `imports`); raises _Fallback."""
+    if s.name not in imports:
+        try:
+            imports[s.name] = import_segment(seg_gm, [(x.shape, x.dtype) for x in ins], name=s.name,
+                                             example_inputs=ins)
+        except ImportFailed as e:
+            imports[s.name] = e
+    got = imports[s.name]
+    if isinstance(got, ImportFailed):
+        raise _Fallback(got.op or "import", got.node or s.nodes[0], str(got)) from got
+    return got
+
+
+def _tvm_segment(s, seg_gm, ins, want, mine, sides, out, libs, check, bar, tolerance, stores, builds, imports):
+    """Compile `s` for each side in `mine` (once per distinct target; by a worker of `builds` when
+    it has the build, else here), export the libraries (appended to `libs`), and check the first
+    one that runs here against PyTorch. Returns its outputs (None when no library runs here);
+    raises _Fallback."""
     built_for, tvm_out = {}, None
     for k, side in enumerate(mine):
         target = sides[side]
@@ -142,14 +154,13 @@ def _tvm_segment(s, seg_gm, ins, want, mine, sides, out, libs, check, bar, toler
             _save_refs(out / par, built_for[target.name][1], stores[side])
         else:
             try:
-                built = build(mod, params, target, num_inputs=len(ins))
-                export_library(built, out / lib, target)
-            except Exception as e:  # noqa: BLE001 - the segment falls back (or the build stops)
+                params = builds.result(s.name, target.name, lambda: build_one(
+                    _import(s, seg_gm, ins, imports), len(ins), target, out / lib))
+            except BuildFailed as e:
                 raise _Fallback("build", s.nodes[0], f"compiling segment {s.name} ({', '.join(s.nodes[:3])}...) "
-                                f"for target {target.name} failed: {type(e).__name__}: "
-                                f"{(str(e).strip().splitlines() or [''])[-1][:300]}", k) from e
-            _save_refs(out / par, built.params, stores[side])
-            built_for[target.name] = (lib, built.params)
+                                f"for target {target.name} failed: {e}", k) from e
+            _save_refs(out / par, params, stores[side])
+            built_for[target.name] = (lib, params)
         libs.append(Library(side, s.name, "tvm", lib, par, target.name, str(target.tvm_target()), target.arch,
                             f"{side}/{WEIGHTS}"))
         if target.runs_here and tvm_out is None:
@@ -219,54 +230,74 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
     bar = tqdm(total=len(work) + (len(segments) if onnx else 0), desc="codegen", unit="seg",
                disable=not progress, leave=False)
     fallbacks = {}
-    for s in segments:
-        seg_gm = segment_module(gm, s)
-        ins = [values[i] for i in s.inputs]
-        want = [values[o] for o in s.outputs]
-        check = checks.setdefault(s.name, {})
-        mine = [side for side in sides if s.name in uses[side]]
-        tvm_out, tvm_libs = None, []
-        if backend == "tvm" and mine:
-            try:
-                tvm_out = _tvm_segment(s, seg_gm, ins, want, mine, sides, out, tvm_libs, check, bar, tolerance,
-                                       stores)
-            except _Fallback as e:
-                if not onnx:
-                    raise CodegenError(f"{e.reason}; build with onnx=True to run this segment on ONNX Runtime, "
-                                       "or backend=\"onnxruntime\"") from e.__cause__
-                fallbacks[s.name] = e
-                for lib in tvm_libs:
-                    (out / lib.file).unlink(missing_ok=True)
-                    (out / lib.params).unlink(missing_ok=True)
-                tvm_libs, tvm_out = [], None
-                bar.update(len(mine) - e.done)
-        libraries += tvm_libs
-        files += [f for lib in tvm_libs for f in (lib.file, lib.params)]
-        if onnx:
-            bar.set_postfix_str(f"{s.name} to ONNX")
-            from edgecut.codegen.onnx_export import OnnxSegment, export_segment
+    seg_gms = {s.name: segment_module(gm, s) for s in segments}
+    todo = []                                 # (segment, the first side of each distinct target)
+    for s in segments if backend == "tvm" else ():
+        first = {}
+        for side in sides:
+            if s.name in uses[side]:
+                first.setdefault(sides[side].name, side)
+        todo += [(s, side) for side in first.values()]
+    macs = sum(float(n.meta.get(meta.MACS, 0) or 0) for n in gm.graph.nodes)
+    builds, imports = Builds(jobs_for(macs, len(todo))), {}
+    for s, side in todo if builds.procs else ():    # workers build while this process checks
+        try:
+            got = _import(s, seg_gms[s.name], [values[i] for i in s.inputs], imports)
+        except _Fallback:
+            continue
+        builds.submit(got, len(s.inputs), s.name, sides[side], out / side / f"{s.name}.so")
+    try:
+        for s in segments:
+            seg_gm = seg_gms[s.name]
+            ins = [values[i] for i in s.inputs]
+            want = [values[o] for o in s.outputs]
+            check = checks.setdefault(s.name, {})
+            mine = [side for side in sides if s.name in uses[side]]
+            tvm_out, tvm_libs = None, []
+            if backend == "tvm" and mine:
+                try:
+                    tvm_out = _tvm_segment(s, seg_gm, ins, want, mine, sides, out, tvm_libs, check, bar, tolerance,
+                                           stores, builds, imports)
+                except _Fallback as e:
+                    if not onnx:
+                        raise CodegenError(f"{e.reason}; build with onnx=True to run this segment on ONNX Runtime, "
+                                           "or backend=\"onnxruntime\"") from e.__cause__
+                    fallbacks[s.name] = e
+                    builds.discard(s.name)
+                    for side in mine:
+                        (out / side / f"{s.name}.so").unlink(missing_ok=True)
+                        (out / side / f"{s.name}.params").unlink(missing_ok=True)
+                    tvm_libs, tvm_out = [], None
+                    bar.update(len(mine) - e.done)
+            libraries += tvm_libs
+            files += [f for lib in tvm_libs for f in (lib.file, lib.params)]
+            if onnx:
+                bar.set_postfix_str(f"{s.name} to ONNX")
+                from edgecut.codegen.onnx_export import OnnxSegment, export_segment
 
-            path = f"onnx/{s.name}.onnx"
-            try:
-                export_segment(seg_gm, ins, out / path, s.inputs, s.outputs)
-            except CodegenError as e:
-                if s.name not in fallbacks:
-                    raise
-                raise CodegenError(f"{fallbacks[s.name].reason}; the ONNX Runtime fallback failed too: {e}") from e
-            got = OnnxSegment(out / path, s.inputs).run(ins)
-            against = tvm_out if tvm_out is not None else want
-            err = max(max_error(g, w) for g, w in zip(got, against))
-            check["onnx_vs_tvm" if tvm_out is not None else "onnx_vs_torch"] = err
-            if err > tolerance:
-                raise CodegenError(f"ONNX copy of segment {s.name} differs from "
-                                   f"{'TVM' if tvm_out is not None else 'PyTorch'} by {err:.2e} x the output's scale")
-            onnx_files[s.name] = path
-            files.append(path)
-            if backend == "onnxruntime" or s.name in fallbacks:
-                note = fallbacks[s.name].reason if s.name in fallbacks else "backend='onnxruntime'"
-                libraries += [Library(side, s.name, "onnxruntime", path, "", sides[side].name, "",
-                                      sides[side].arch, note=note) for side in mine]
-            bar.update(1)
+                path = f"onnx/{s.name}.onnx"
+                try:
+                    export_segment(seg_gm, ins, out / path, s.inputs, s.outputs)
+                except CodegenError as e:
+                    if s.name not in fallbacks:
+                        raise
+                    raise CodegenError(f"{fallbacks[s.name].reason}; the ONNX Runtime fallback failed too: {e}") from e
+                got = OnnxSegment(out / path, s.inputs).run(ins)
+                against = tvm_out if tvm_out is not None else want
+                err = max(max_error(g, w) for g, w in zip(got, against))
+                check["onnx_vs_tvm" if tvm_out is not None else "onnx_vs_torch"] = err
+                if err > tolerance:
+                    raise CodegenError(f"ONNX copy of segment {s.name} differs from "
+                                       f"{'TVM' if tvm_out is not None else 'PyTorch'} by {err:.2e} x the output's scale")
+                onnx_files[s.name] = path
+                files.append(path)
+                if backend == "onnxruntime" or s.name in fallbacks:
+                    note = fallbacks[s.name].reason if s.name in fallbacks else "backend='onnxruntime'"
+                    libraries += [Library(side, s.name, "onnxruntime", path, "", sides[side].name, "",
+                                          sides[side].arch, note=note) for side in mine]
+                bar.update(1)
+    finally:
+        builds.close()
     bar.close()
     if fallbacks:
         warnings.warn("TVM could not build " + "; ".join(

@@ -54,6 +54,7 @@ class LinkEmulator:
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
+        self._relays: set = set()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -113,10 +114,21 @@ class LinkEmulator:
         self._ready.set()
         async with self._server:
             await self._stop.wait()
+        relays = list(self._relays)       # end every open connection before the loop closes
+        for t in relays:
+            t.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
 
     # ------------------------------------------------------------------------------ relaying
     async def _relay(self, c_reader, c_writer) -> None:
         self.connections += 1
+        self._relays.add(asyncio.current_task())
+        try:
+            await self._relay_one(c_reader, c_writer)
+        finally:
+            self._relays.discard(asyncio.current_task())
+
+    async def _relay_one(self, c_reader, c_writer) -> None:
         try:
             s_reader, s_writer = await asyncio.open_connection(*self.to)
         except OSError as e:
@@ -132,6 +144,7 @@ class LinkEmulator:
         finally:
             for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             for w in (c_writer, s_writer):
                 w.close()
 
@@ -168,6 +181,7 @@ class LinkEmulator:
         finally:
             if not out.done():
                 out.cancel()
+                await asyncio.gather(out, return_exceptions=True)
 
 
 def _rate(r: float | None) -> str:

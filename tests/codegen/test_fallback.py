@@ -71,7 +71,7 @@ def test_without_onnx_the_error_names_op_and_node(det, tmp_path):
         build_artifact(gm, table, "local", "local", tmp_path, (x,), onnx=False, progress=False)
 
 
-def test_test_hook_forces_the_fallback_for_one_segment(tmp_path, monkeypatch):
+def test_test_hook_forces_the_fallback_for_one_segment(tmp_path, monkeypatch, capsys):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
     x = torch.randn(1, 3, 8, 8)
     gm = edgecut.trace(model, x)
@@ -88,6 +88,12 @@ def test_test_hook_forces_the_fallback_for_one_segment(tmp_path, monkeypatch):
     want = model(x).detach().numpy()
     for plan in table.plans:
         assert max_error(chain(tmp_path, plan.id, x.numpy()).outputs["logits"], want) <= 1e-4
+    from edgecut.cli import main as cli
+
+    capsys.readouterr()
+    assert cli(["check", str(tmp_path)]) == 0           # the mixed artifact checks as built, and says so
+    text = capsys.readouterr().out
+    assert "on onnxruntime: seg1)" in text and "over" not in text
 
 
 def test_onnxruntime_backend_never_builds_with_tvm(det, tmp_path):

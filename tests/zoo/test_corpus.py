@@ -27,7 +27,8 @@ def test_rows_and_the_summary_line():
     ok = {"name": "a", "compiles": True, "cuts": 3, "cuts_ok": 3, "worst": 1e-6, "compile_s": 10.0}
     bad = {"name": "b", "compiles": True, "cuts": 3, "cuts_ok": 2, "worst": 0.5, "compile_s": 30.0}
     dead = {"name": "c", "compiles": False, "cause": "compile: CodegenError: x"}
-    assert corpus.summary([ok, bad, dead]) == ("corpus: 2/3 compile, 1/3 split-equals-whole at every cut, "
+    assert corpus.summary([ok, bad, dead]) == ("slowest compile 30 s (b)\n"
+                                               "corpus: 2/3 compile, 1/3 split-equals-whole at every cut, "
                                                "median compile 20 s")
     assert "compile: CodegenError: x" in corpus.format_row(dead)
 
