@@ -365,6 +365,8 @@ def main() -> None:
     ap.add_argument("--kill-every", type=float, default=10.0)
     ap.add_argument("--kill-load", type=float, default=0.3, help="phase 3's load, x the batched throughput")
     ap.add_argument("--fuzz-frames", type=int, default=100_000)
+    ap.add_argument("--only-kills", action="store_true", help="phase 3 only, at --kill-rate req/s")
+    ap.add_argument("--kill-rate", type=float, default=0.0)
     args = ap.parse_args()
     import logging
 
@@ -380,6 +382,14 @@ def main() -> None:
     ray.cloudpickle.register_pickle_by_value(numpy_part)
     never = 1e9
     try:
+        if args.only_kills:
+            server = tier_server(w, True)
+            print(f"  failure within capacity: {args.devices} devices paced to {args.kill_rate:.0f} req/s, "
+                  f"a replica killed every {args.kill_every:g} s", flush=True)
+            load(ray, w, server, "paced, kills ", args.devices, args.seconds, args.deadline, args.kill_every,
+                 args.kill_rate)
+            server.shutdown(5.0)
+            return
         server = tier_server(w, True)
         per = compute_limit(ray, w, server)
         on = load(ray, w, server, "batching on ", args.devices, args.seconds, args.deadline, args.kill_every)

@@ -21,7 +21,9 @@ up to `max_batch - 1` more of the same plan, and sends them in one call to the r
 when it has them). Alone, a request goes at once (batch 1, the latency path); when other calls
 are in flight a short batch waits for company at most `batch_wait_s`, and never past what its
 oldest request's deadline leaves. A request waits in the front, not in a replica, so it can
-expire there without costing compute. A replica that dies mid-call costs each of its requests
+expire there without costing compute: one that cannot finish in time even at one edge run per
+queued batch round is answered `timeout` at admission, and one left with less time than a call
+takes is answered at dispatch, so the device has the rest of its deadline for its local exit. A replica that dies mid-call costs each of its requests
 one retry on another replica if its deadline still leaves an edge run; otherwise it expires in
 time and the device answers from its local exit.
 """
@@ -157,8 +159,8 @@ class RayExecutor:
         self.batch_wait_s, self.per_replica = batch_wait_s, per_replica
         self.max_queue, self.route, self.refresh_s = max_queue, route, refresh_s
         self.max_replicas, self.hang_s = max_replicas, hang_s
-        self._est_s = 0.005         # running estimates of one replica call's compute,
-        self._call_s = 0.01         # and of the whole call as a call thread sees it (hop, queues, compute)
+        self._est_s = 0.005         # running estimate of one replica call's compute
+        self._calls_s = deque([0.01], maxlen=31)     # the last calls' round trips as a call thread saw them
         app = EdgeReplica.options(
             max_ongoing_requests=max(4 * per_replica, 8),
             ray_actor_options={"num_cpus": replica_cpus},
@@ -171,7 +173,8 @@ class RayExecutor:
         self.handle = serve.run(app, name=self.app, route_prefix=None)
         self._lock = threading.Lock()
         self._free = threading.Condition(self._lock)     # a replica's slot freed, or a request queued
-        self._refreshing = threading.Lock()
+        self._refresh_now = threading.Event()
+        self._refresher: threading.Thread | None = None
         self._queue: deque[_Request] = deque()
         self._pending = 0
         self._inflight: dict[str, int] = {}
@@ -187,6 +190,8 @@ class RayExecutor:
             time.sleep(0.02)
         self.overhead_s = self._hop()
         self._calls = ThreadPoolExecutor(max_replicas * per_replica + 1, thread_name_prefix="edgecut-tier-call")
+        self._refresher = threading.Thread(target=self._refresh_loop, name=f"edgecut-tier-list-{model}", daemon=True)
+        self._refresher.start()
         self._dispatcher = threading.Thread(target=self._dispatch, name=f"edgecut-tier-{model}", daemon=True)
         self._dispatcher.start()
 
@@ -218,16 +223,27 @@ class RayExecutor:
                       if a.get("namespace") == "serve" and a["name"].startswith(prefix))
 
     def _refresh(self, force: bool = False) -> None:
-        """Re-list the replicas. A new one is used once it has answered a probe: Serve names a
-        replica's actor before the replica is initialised, and it refuses requests until then."""
-        if not force and time.monotonic() - self._refreshed < self.refresh_s:
-            return
-        if not self._refreshing.acquire(blocking=False):
-            return                      # another thread is at it
-        try:
+        """Have the replicas re-listed: the refresher thread does it every refresh_s, and at once
+        when forced, so that no request waits on Ray's actor listing (slow while the cluster
+        restarts a replica); during construction, before that thread, it is done here. A new
+        replica is used once it has answered a probe: Serve names a replica's actor before the
+        replica is initialised, and it refuses requests until then."""
+        if self._refresher is not None:
+            if force:
+                self._refresh_now.set()
+        elif force or time.monotonic() - self._refreshed >= self.refresh_s:
             self._relist()
-        finally:
-            self._refreshing.release()
+
+    def _refresh_loop(self) -> None:
+        while not self._closed:
+            self._refresh_now.wait(self.refresh_s)
+            self._refresh_now.clear()
+            if self._closed:
+                return
+            try:
+                self._relist()
+            except Exception as e:  # the cluster busy or going: try again next round
+                log.warning("%s: listing the replicas failed: %s", self.app, e)
 
     def _relist(self) -> None:
         self._refreshed = now = time.monotonic()
@@ -369,6 +385,11 @@ class RayExecutor:
                 continue
             self._calls.submit(self._send, name, actor, batch)
 
+    def _call_s(self) -> float:       # with self._lock held
+        """The median of the last calls' round trips (a median: one call slowed by a replica's
+        death must not make the dispatcher answer every request `timeout` for a while)."""
+        return sorted(self._calls_s)[len(self._calls_s) // 2]
+
     def _live_head(self) -> bool:       # with self._lock held: drop expired requests at the head
         while self._queue and (self._queue[0].gone or self._queue[0].expiry <= time.monotonic()):
             self._queue.popleft()
@@ -388,7 +409,7 @@ class RayExecutor:
                     self._free.wait(left)
             # A request with less time left than a call takes is answered now (no replica time
             # spent on it), unless nothing else is in flight: then it goes, and the estimate learns.
-            need = self._call_s if sum(self._inflight.values()) > 1 else self._est_s
+            need = self._call_s() if sum(self._inflight.values()) > 1 else self._est_s
             batch, keep, now = [], deque(), time.monotonic()
             while self._queue:
                 r = self._queue.popleft()
@@ -436,7 +457,8 @@ class RayExecutor:
         edge = [rep[2] for rep in replies if rep[0] == "ok"]
         if edge:
             self._est_s = 0.9 * self._est_s + 0.1 * edge[0]
-            self._call_s = 0.9 * self._call_s + 0.1 * (time.monotonic() - t0)
+            with self._lock:
+                self._calls_s.append(time.monotonic() - t0)
 
     def _call(self, actor, batch: list):
         plan, now = batch[0].plan, time.monotonic()
@@ -463,7 +485,9 @@ class RayExecutor:
         with self._free:
             self._closed = True
             self._free.notify_all()
+        self._refresh_now.set()
         self._dispatcher.join(5)
+        self._refresher.join(5)
         self._calls.shutdown(wait=False, cancel_futures=True)
         try:
             serve.delete(self.app)
