@@ -268,6 +268,7 @@ class RayExecutor:
             except ValueError:          # gone between the listing and the lookup
                 continue
             probes[n] = (actor, actor.handle_request.remote(_metadata(self.app, "pid")))
+        fresh = set()
         if probes:
             ready, _ = ray.wait([p for _, p in probes.values()], num_returns=len(probes), timeout=0)
             for n, (actor, ref) in list(probes.items()):
@@ -276,10 +277,12 @@ class RayExecutor:
                     try:
                         ray.get(ref)
                         actors[n] = actor
+                        fresh.add(n)
                     except Exception:   # not initialised yet (or dying): probe again shortly
                         self._probe_after[n] = now + 0.2
-        with self._lock:
-            self._actors, self._probes = actors, probes
+        with self._lock:                # one a failed call dropped meanwhile stays out till probed again
+            self._actors = {n: a for n, a in actors.items() if n in self._actors or n in fresh}
+            self._probes = probes
             self._inflight = {n: self._inflight.get(n, 0) for n in actors}
             self._free.notify_all()
 
@@ -439,7 +442,10 @@ class RayExecutor:
             replies = [("bad", f"{type(e).__name__}: {e}")] * len(batch)
         finally:
             self._release(name)
-        if failed:
+        if failed:                      # not used again until a re-listing finds it and it answers a probe
+            with self._lock:
+                self._actors.pop(name, None)
+                self._inflight.pop(name, None)
             self._refresh(force=True)
             now, retry = time.monotonic(), []
             for r in batch:
