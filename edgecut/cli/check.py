@@ -16,9 +16,9 @@ def register(sub) -> None:
     p.add_argument("artifact", help="artifact directory (holds manifest.msgpack)")
     p.add_argument("--side", choices=("device", "edge", "both"), default="both", help="which side to run (default both)")
     p.add_argument("--backend", choices=("tvm", "onnxruntime", "all"), default="all",
-                   help="runtime to check with (default: every one available here)")
+                   help="runtime to check with (default all: every one available here)")
     p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="max abs error allowed, relative to the output's scale (default 1e-4)")
+                   help="max abs error allowed, relative to the output's scale (default 0.0001)")
     p.set_defaults(func=run)
 
 

@@ -1,6 +1,24 @@
 """`edgecut compile MODEL --input SHAPE --target pi4 --edge local --deadline 100ms -o build/NAME`."""
 from __future__ import annotations
 
+import argparse
+
+
+class ListTargets(argparse.Action):
+    """`--list-targets`: print the registered targets and exit (before the required options are checked)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from edgecut import targets
+
+        for name in targets.known():
+            t = targets.get(name)
+            alias = f" (alias of {t.name})" if name != t.name else ""
+            print(f"{name:<12} {t.arch:<8} profile {t.profile or '-':<6} {t.description}{alias}")
+        parser.exit()
+
 
 def register(sub) -> None:
     p = sub.add_parser("compile", help="compile a model into a device/edge artifact that meets a deadline",
@@ -9,6 +27,7 @@ def register(sub) -> None:
     p.add_argument("model", help="edgecut.zoo:NAME or path/to/file.py:Factory")
     p.add_argument("--input", metavar="SHAPE", help="input shape, e.g. 1x3x32x32 (zoo models have a default)")
     p.add_argument("--target", default="pi4", help="device target (default pi4; see --list-targets)")
+    p.add_argument("--list-targets", action=ListTargets, help="print the known targets and exit")
     p.add_argument("--edge", default="local", help="edge target (default local)")
     p.add_argument("--deadline", default="100ms", help="latency deadline, e.g. 100ms (default)")
     p.add_argument("--bandwidth", help="expected bandwidth, e.g. 2mbit: the plan to report")

@@ -34,16 +34,30 @@ from edgecut.types import Plan
 
 FACTORS = (1 / 16, 1 / 4, 1 / 2, 1.0, 2.0, 4.0, 16.0)
 PER_EXIT = 6
+NEAR = 0.02     # device seconds this close (relative) at equal bytes: one candidate
 
 
-def pareto(cuts) -> list[CutCost]:
+def pareto(cuts, near: float = NEAR) -> list[CutCost]:
     """The cuts no other cut dominates in (device seconds, crossing bytes), by device seconds;
-    of equal points the first is kept."""
+    of equal points the first is kept. Cuts that send the same bytes within `near` (relative) of
+    each other's device seconds are one point, the cut with the most nodes on the device: the
+    others differ by an element-wise tail (an add | its ReLU) that would cut a fused kernel in
+    two and buy a library for nothing (the solver's tie rule, `find_cuts.prefer`, likewise)."""
     best: dict[tuple, CutCost] = {}
     for c in cuts:
         best.setdefault((c.device_s, c.up_bytes if c.offloaded else 0), c)
+    by_bytes: dict[int, list] = {}
+    for (d, b), c in sorted(best.items(), key=lambda kv: kv[0]):
+        by_bytes.setdefault(b, []).append(c)
+    points = []
+    for b, same in by_bytes.items():
+        i = 0
+        while i < len(same):
+            group = [c for c in same[i:] if c.device_s <= same[i].device_s * (1 + near) + 1e-15]
+            points.append((b, max(group, key=lambda c: len(c.device))))
+            i += len(group)
     front, min_bytes = [], None
-    for (_, b), c in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    for b, c in sorted(points, key=lambda bc: (bc[1].device_s, bc[0])):
         if min_bytes is None or b < min_bytes:
             front.append(c)
             min_bytes = b

@@ -66,3 +66,33 @@ def test_pareto_and_arguments():
         candidates(gm, per_exit=1)
     with pytest.raises(UsageError, match="factors"):
         candidates(gm, factors=(0.0,))
+
+
+class _Residual(torch.nn.Module):
+    """A down-sampling residual block, relu(conv(x) + shortcut(x)): the cut after its add is the
+    first to send a quarter of the input, and the cut after its ReLU sends the same."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.sc = torch.nn.Conv2d(8, 8, 1, stride=2)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x) + self.sc(x))
+        x = torch.relu(self.c2(x) + x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_no_candidate_cuts_between_an_add_and_its_relu():
+    gm = edgecut.trace(_Residual().eval(), torch.randn(1, 8, 16, 16))
+    local = load_profile("local")
+    annotate_cost(gm, local.scaled(20), local)
+    plans = candidates(gm, per_exit=20)
+    users = {n.name: [u.name for u in n.users] for n in gm.graph.nodes}
+    for p in plans:
+        for name in p.cut.device:
+            if name.startswith("add"):     # its ReLU goes with it
+                assert set(users[name]) <= set(p.cut.device), (p.id, name)
+    assert any(any(n.startswith("relu") for n in p.cut.device) and p.cut.crossing for p in plans)
