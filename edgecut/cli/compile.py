@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--allow-uncalibrated", action="store_true", help="plan with an uncalibrated profile's guesses")
     p.add_argument("--backend", choices=("tvm", "onnxruntime"), default="tvm", help="code generator (default tvm)")
     p.add_argument("--edge-batches", default="", metavar="N,N",
-                   help="also compile the edge segments for these batch sizes, e.g. 4,8 (for serve --ray batching)")
+                   help="also compile the edge segments for these batch sizes, e.g. 4,8 (for `edgecut serve --ray` batching)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--explain", metavar="PNG", help="also render the explain figure to PNG")
     p.set_defaults(func=run)
