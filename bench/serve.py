@@ -127,7 +127,7 @@ def tier_server(w: Workload, batching: bool, **kw):
 
 def compute_limit(ray, w: Workload, server) -> dict:
     """Seconds per request at each batch size, as a replica of the idle tier reports them."""
-    from edgecut.runtime.tier import _metadata
+    from edgecut.runtime.replicas import _metadata
 
     ex = server.models[w.identity[0]].executor
     actor = ray.get_actor(sorted(ex._actors)[0], namespace="serve")

@@ -5,7 +5,7 @@ deploys one model as its own Serve application (`edgecut-<model>-<sha12>`, deplo
 with its own replica bounds: Serve places the replicas, scales them between `min_replicas` and
 `max_replicas` on the ongoing requests per replica, and restarts one that dies.
 
-The front calls a replica as a plain Ray actor (the replica actor's `handle_request`, with the
+The front (this module) calls a replica (runtime/replicas.py) as a plain Ray actor (the replica actor's `handle_request`, with the
 request metadata a Serve handle would send), not through a `DeploymentHandle`: measured here, a
 handle call costs ~4-7 ms at the median, an actor call ~1-2 ms. The replicas are found by name
 (`SERVE_REPLICA::<app>#edge#...`) every `refresh_s` and after any failure. This uses Serve
@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import threading
 import time
-import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from edgecut.errors import ArtifactError, UsageError
-from edgecut.runtime.executor import Busy, Expired, run_batch
+from edgecut.runtime.executor import Busy, Expired
 
 log = logging.getLogger("edgecut.runtime.tier")
 
@@ -49,17 +47,10 @@ _ENV = {"RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE": "0",
         "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
 os.environ.update(_ENV)
 
-try:
-    import ray
-    from ray import serve
-except ImportError:  # pragma: no cover - the message says what to do
-    ray = serve = None
-
-
+from edgecut.runtime.replicas import _QUIET, EdgeReplica, ReplicaSet, _metadata, ray, serve  # noqa: E402
 
 _FAILED = ((ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
             ray.exceptions.WorkerCrashedError) if ray is not None else ())
-_QUIET = {"enable_access_log": False, "log_level": "WARNING"}
 
 
 def _need_ray() -> None:
@@ -84,47 +75,6 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     serve.start(logging_config=_QUIET)
 
 
-if serve is not None:
-    @serve.deployment(name="edge", logging_config=_QUIET)
-    class EdgeReplica:
-        """One replica of a model's edge part. `artifact`: a path (loaded here, so a replica on
-        another machine needs the artifact at the same path) or a picklable part."""
-
-        def __init__(self, artifact, backend: str = "tvm"):
-            if isinstance(artifact, (str, os.PathLike)):
-                from edgecut.codegen.load import load
-                artifact = load(artifact, side="edge", backend=backend)
-            self.part = artifact
-
-        async def run_many(self, plan_id: str, tensors: list, budgets: list):
-            """One reply per request: ('ok', outputs, edge seconds, batch size), ('expired',)
-            (its budget, seconds from now, ran out before it started) or ('bad', message).
-            async: it computes on the replica's user-code event loop, without Serve's hop to a
-            worker thread for a plain method (one computes at a time either way)."""
-            now = time.monotonic()
-            live = [i for i, b in enumerate(budgets) if b > 0]
-            replies: list = [("expired",)] * len(budgets)
-            if not live:
-                return replies
-            try:
-                outs, seconds = run_batch(self.part, plan_id, [tensors[i] for i in live])
-                for i, out in zip(live, outs):
-                    replies[i] = ("ok", out, seconds, len(live))
-            except ArtifactError:       # one request's bad tensors must not fail the others
-                for i in live:
-                    if time.monotonic() - now >= budgets[i]:
-                        continue
-                    try:
-                        (out,), seconds = run_batch(self.part, plan_id, [tensors[i]])
-                        replies[i] = ("ok", out, seconds, 1)
-                    except ArtifactError as e:
-                        replies[i] = ("bad", str(e))
-            return replies
-
-        def pid(self) -> int:
-            return os.getpid()
-
-
 class _Request:
     """One admitted request on its way through the front's queue to a replica."""
 
@@ -139,7 +89,7 @@ class _Request:
         self.done.set()
 
 
-class RayExecutor:
+class RayExecutor(ReplicaSet):
     """Run one model's edge part on the Ray cluster (see the module docstring). `artifact` is
     what `EdgeReplica` loads; `part` the front's own copy (model name and hash, plans)."""
 
@@ -156,10 +106,9 @@ class RayExecutor:
         model, sha = P.manifest_identity(part)
         self.app = f"edgecut-{model}-{sha[:12]}"
         self.max_batch = max_batch if batching else 1
-        self.batch_wait_s, self.per_replica = batch_wait_s, per_replica
-        self.max_queue, self.route, self.refresh_s = max_queue, route, refresh_s
+        self.batch_wait_s = batch_wait_s
+        self.max_queue, self.route = max_queue, route
         self.max_replicas, self.hang_s = max_replicas, hang_s
-        self._est_s = 0.005         # running estimate of one replica call's compute
         self._calls_s = deque([0.01], maxlen=31)     # the last calls' round trips as a call thread saw them
         app = EdgeReplica.options(
             max_ongoing_requests=max(4 * per_replica, 8),
@@ -171,19 +120,9 @@ class RayExecutor:
                                 "look_back_period_s": 2.0},
         ).bind(artifact if artifact is not None else part, backend)
         self.handle = serve.run(app, name=self.app, route_prefix=None)
-        self._lock = threading.Lock()
-        self._free = threading.Condition(self._lock)     # a replica's slot freed, or a request queued
-        self._refresh_now = threading.Event()
-        self._refresher: threading.Thread | None = None
+        ReplicaSet.__init__(self, self.app, per_replica, refresh_s)
         self._queue: deque[_Request] = deque()
         self._pending = 0
-        self._inflight: dict[str, int] = {}
-        self._actors: dict[str, object] = {}
-        self._probes: dict[str, tuple] = {}
-        self._probe_after: dict[str, float] = {}
-        self._orphans: list = []
-        self._refreshed = 0.0
-        self._closed = False
         end = time.monotonic() + 60
         while len(self._actors) < min_replicas and time.monotonic() < end:
             self._refresh(force=True)
@@ -195,121 +134,9 @@ class RayExecutor:
         self._dispatcher = threading.Thread(target=self._dispatch, name=f"edgecut-tier-{model}", daemon=True)
         self._dispatcher.start()
 
-    def _hop(self, n: int = 21) -> float:
-        """Median seconds of an empty call to a replica: what the tier adds to each edge time."""
-        ts = []
-        for _ in range(n):
-            name, actor = self._pick(None, time.monotonic() + 10)
-            if actor is None:
-                return 0.0
-            t = time.perf_counter()
-            try:
-                ray.get(actor.handle_request.remote(_metadata(self.app, "pid")), timeout=10)
-            except Exception:
-                return 0.0
-            finally:
-                self._release(name)
-            ts.append(time.perf_counter() - t)
-        return sorted(ts)[n // 2]
-
-    # ------------------------------------------------------------------------------ replicas
     @property
     def pending(self) -> int:
         return self._pending
-
-    def replica_names(self) -> list[str]:
-        prefix = f"SERVE_REPLICA::{self.app}#edge#"
-        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                      if a.get("namespace") == "serve" and a["name"].startswith(prefix))
-
-    def _refresh(self, force: bool = False) -> None:
-        """Have the replicas re-listed: the refresher thread does it every refresh_s, and at once
-        when forced, so that no request waits on Ray's actor listing (slow while the cluster
-        restarts a replica); during construction, before that thread, it is done here. A new
-        replica is used once it has answered a probe: Serve names a replica's actor before the
-        replica is initialised, and it refuses requests until then."""
-        if self._refresher is not None:
-            if force:
-                self._refresh_now.set()
-        elif force or time.monotonic() - self._refreshed >= self.refresh_s:
-            self._relist()
-
-    def _refresh_loop(self) -> None:
-        while not self._closed:
-            self._refresh_now.wait(self.refresh_s)
-            self._refresh_now.clear()
-            if self._closed:
-                return
-            try:
-                self._relist()
-            except Exception as e:  # the cluster busy or going: try again next round
-                log.warning("%s: listing the replicas failed: %s", self.app, e)
-
-    def _relist(self) -> None:
-        self._refreshed = now = time.monotonic()
-        names = set(self.replica_names())
-        with self._lock:
-            actors = {n: a for n, a in self._actors.items() if n in names}
-            probes = {n: p for n, p in self._probes.items() if n in names}
-        self._orphans += [p[1] for n, p in self._probes.items() if n not in names]
-        if self._orphans:               # probes of replicas gone since: read their errors, drop them
-            done, self._orphans = ray.wait(self._orphans, num_returns=len(self._orphans), timeout=0)
-            for ref in done:
-                try:
-                    ray.get(ref)
-                except Exception:
-                    pass
-        self._probe_after = {n: t for n, t in self._probe_after.items() if n in names}
-        for n in names - set(actors) - set(probes):
-            if self._probe_after.get(n, 0.0) > now:
-                continue
-            try:
-                actor = ray.get_actor(n, namespace="serve")
-            except ValueError:          # gone between the listing and the lookup
-                continue
-            probes[n] = (actor, actor.handle_request.remote(_metadata(self.app, "pid")))
-        fresh = set()
-        if probes:
-            ready, _ = ray.wait([p for _, p in probes.values()], num_returns=len(probes), timeout=0)
-            for n, (actor, ref) in list(probes.items()):
-                if ref in ready:
-                    del probes[n]
-                    try:
-                        ray.get(ref)
-                        actors[n] = actor
-                        fresh.add(n)
-                    except Exception:   # not initialised yet (or dying): probe again shortly
-                        self._probe_after[n] = now + 0.2
-        with self._lock:                # one a failed call dropped meanwhile stays out till probed again
-            self._actors = {n: a for n, a in actors.items() if n in self._actors or n in fresh}
-            self._probes = probes
-            self._inflight = {n: self._inflight.get(n, 0) for n in actors}
-            self._free.notify_all()
-
-    def _pick(self, avoid: str | None, expiry: float):
-        """The replica with the fewest of this front's calls in flight, below `per_replica`;
-        (None, None) when none is up. Waits for a free slot until `expiry` (then `Expired`)."""
-        while True:
-            self._refresh()
-            with self._free:
-                names = [n for n in self._actors if n != avoid] or list(self._actors)
-                if not names:
-                    return None, None
-                free = [n for n in names if self._inflight.get(n, 0) < self.per_replica]
-                if free:
-                    name = min(free, key=lambda n: self._inflight.get(n, 0))
-                    self._inflight[name] = self._inflight.get(name, 0) + 1
-                    return name, self._actors[name]
-                wait = expiry - time.monotonic() - self._est_s
-                if wait <= 0:
-                    raise Expired()
-                self._free.wait(min(wait, self.refresh_s))
-
-    def _release(self, name: str) -> None:
-        with self._free:
-            if name in self._inflight:
-                self._inflight[name] -= 1
-                self._free.notify_all()
 
     # ------------------------------------------------------------------------------ requests
     def infer(self, plan_id: str, tensors: dict, received: float, expiry: float, abandon=None):
@@ -320,7 +147,7 @@ class RayExecutor:
                 raise Expired()         # answered at once: the device has its whole deadline for its exit
             self._pending += 1
             req = _Request(plan_id, tensors, expiry)
-            slot = self._idle_slot()
+            slot = None if self._queue else self._idle_slot()
             if slot is None:
                 self._queue.append(req)
                 self._free.notify_all()
@@ -340,17 +167,6 @@ class RayExecutor:
         if reply[0] == "bad":
             raise ArtifactError(reply[1])
         raise Expired()
-
-    def _idle_slot(self):
-        """(With self._lock held) (name, actor) of a replica with no call in flight when nothing
-        is queued (the batch-1 latency path, no handoff to the dispatcher), its slot taken; else None."""
-        if self._queue:
-            return None
-        for name, n in self._inflight.items():
-            if n == 0 and name in self._actors:
-                self._inflight[name] = 1
-                return name, self._actors[name]
-        return None
 
     def _late(self, expiry: float) -> bool:
         """(With self._lock held) whether a request queued now cannot finish by `expiry` even at
@@ -499,11 +315,3 @@ class RayExecutor:
             serve.delete(self.app)
         except Exception as e:  # the cluster may already be gone
             log.warning("could not delete %s: %s", self.app, e)
-
-
-def _metadata(app: str, method: str) -> bytes:
-    from ray.serve._private.common import RequestMetadata
-
-    rid = uuid.uuid4().hex
-    return pickle.dumps(RequestMetadata(request_id=rid, internal_request_id=rid, call_method=method,
-                                        app_name=app))
