@@ -34,7 +34,7 @@ from edgecut.codegen.importer import ImportFailed, import_segment
 from edgecut.codegen.parallel import BuildFailed, Builds, build_one, jobs_for
 from edgecut.codegen.manifest import (FORMAT_VERSION, REFERENCE, Library, Manifest, TensorSpec, array_key,
                                       max_error, save_arrays, sha256)
-from edgecut.codegen.segment import _ancestors, exit_specs, segment_module, split
+from edgecut.codegen.segment import _ancestors, chain_split, exit_specs, segment_module, split
 from edgecut.errors import CodegenError, CodegenWarning
 from edgecut.frontend import meta
 from edgecut.types import Cut, Plan, PlanTable
@@ -178,15 +178,18 @@ def _tvm_segment(s, seg_gm, ins, want, mine, sides, out, libs, check, bar, toler
 def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", edge_target="local",
                    out_dir="build/model", example_inputs=(), *, backend: str = "tvm", onnx: bool = True,
                    model_name: str | None = None, tolerance: float = 1e-4, progress: bool = True,
-                   info: dict | None = None, candidates=(), edge_batches=()) -> Manifest:
+                   info: dict | None = None, candidates=(), chain: bool = False,
+                   edge_batches=()) -> Manifest:
     """Split `gm` at the cuts of `table`, compile each segment for its side(s), export ONNX copies,
     check them, and write the artifact directory `out_dir` (replaced if it exists).
 
     backend="tvm" compiles TVM libraries (device and edge); "onnxruntime" writes only the ONNX
     copies (for models with ops TVM cannot import). `info` (msgpack-able) is stored as `manifest.info`.
     `candidates`: more plans to build routes for (`passes.candidates`); `manifest.candidates`
-    lists every plan built (the table's, the fallback, these). `edge_batches`: more batch sizes
-    to compile the edge segments for (codegen/batches.py; the edge tier batches requests). Raises CodegenError when a segment cannot be
+    lists every plan built (the table's, the fallback, these). `chain`: every cut a boundary of
+    every route (`segment.chain_split`: each node built once; for checking cuts). `edge_batches`:
+    more batch sizes to compile the edge segments for (codegen/batches.py; the edge tier batches
+    requests). Raises CodegenError when a segment cannot be
     compiled or disagrees with PyTorch by more than `tolerance` x the output's scale."""
     if backend not in BACKENDS:
         raise CodegenError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -206,7 +209,7 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
     exits = exit_specs(gm, table.plans)
     fallback = fallback_plan(gm, table, exits)
     plans = tuple({p.id: p for p in (*table.plans, fallback, *candidates)}.values())
-    segments, routes, exits = split(gm, plans, exits)
+    segments, routes, exits = (chain_split if chain else split)(gm, plans, exits)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     values = _values(gm, example_inputs)
     tensors = {}

@@ -3,9 +3,11 @@ compared with eager PyTorch ("split equals whole at every cut", issue 16).
 
 The cuts (e.g. `edgecut.passes.find_cuts.find_cuts(gm)`, the single-tensor candidates the cut
 problem proposes) become the plans of a synthetic plan table for the graph's final exit (or
-`exit_id`); `build_artifact` splits the graph at all of them at once, so each cut is a boundary
-between whole segments, compiles each segment once (TVM, or ONNX Runtime where TVM cannot build
-one) and checks each segment against PyTorch as always. Each route (device segments, then edge
+`exit_id`); `build_artifact(chain=True)` splits the graph at all of them at once
+(`segment.chain_split`), so each cut is a boundary between whole segments and each node is
+compiled once (TVM, or ONNX Runtime where TVM cannot build one), each segment checked against
+PyTorch as always. (Routes as deployed, one library per side, would build a model's prefix and
+suffix per cut: quadratic in the cuts.) Each route (device segments, then edge
 segments, loaded with `edgecut.load` as a deployment would) is then run on the example inputs and
 its logits compared with the eager output of the whole graph. Both targets must run on this
 machine (the default "local"); cross-compiled libraries are checked under qemu elsewhere
@@ -96,7 +98,7 @@ def check_cuts(gm: fx.GraphModule, example_inputs, cuts, *, exit_id: int | None 
     with tempfile.TemporaryDirectory(prefix="edgecut-cuts-") as tmp:
         out = out_dir or tmp
         m = build_artifact(gm, table, device_target, edge_target, out, example_inputs, onnx=onnx,
-                           progress=progress, model_name=f"{type(gm).__name__} (check_cuts)")
+                           progress=progress, model_name=f"{type(gm).__name__} (check_cuts)", chain=True)
         dev, edge = load(out, "device"), load(out, "edge")
         feed = dict(zip(dev.input_names, (np.asarray(x) for x in example_inputs)))
         errors, failures = {}, {}

@@ -115,6 +115,50 @@ def split(gm: fx.GraphModule, plans, exits: list[ExitSpec] | None = None):
     return list(made.values()), routes, exits
 
 
+def chain_split(gm: fx.GraphModule, plans, exits: list[ExitSpec] | None = None):
+    """Like `split`, but every cut is a boundary of every route: one segment between each two
+    consecutive cuts, chained (a route runs several segments per side). Each node is compiled
+    once, however many cuts there are, which is what checking every cut needs
+    (`codegen.check_cuts`); a deployed artifact uses `split` (fewer calls per route). Needs the
+    plans' device sets nested (single-tensor cuts of one exit are) and no early-exit checks;
+    otherwise it returns `split(...)`."""
+    plans = _plans(plans)
+    exits = exits if exits is not None else exit_specs(gm, plans)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if len({p.exit for p in plans}) != 1 or not all(set(p.cut.device) <= set(nodes) for p in plans):
+        return split(gm, plans, exits)
+    ex = next((e for e in exits if e.id == plans[0].exit), None)
+    if ex is None or any(e.id < ex.id and not math.isnan(e.threshold) for e in exits):
+        return split(gm, plans, exits)
+    placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    need = _ancestors(nodes[ex.output])
+    sets = sorted({frozenset(set(p.cut.device) & need - placeholders) for p in plans} | {frozenset()}, key=len)
+    if any(not a <= b for a, b in zip(sets, sets[1:])):
+        return split(gm, plans, exits)
+    order = [n for n in nodes if n in need and n not in placeholders]
+    sets.append(frozenset(order))
+    pieces = [[n for n in order if n in b and n not in a] for a, b in zip(sets, sets[1:])]
+    reads = [set(_inputs_of(piece, nodes)) for piece in pieces]
+    segs = []
+    for k, piece in enumerate(pieces):
+        if not piece:
+            segs.append(None)
+            continue
+        later = set().union(*reads[k + 1:]) | {ex.output}
+        key = (tuple(piece), _inputs_of(piece, nodes), tuple(n for n in piece if n in later))
+        segs.append(Segment(f"seg{len([x for x in segs if x])}", *key,
+                            macs=round(sum(charged_macs(nodes[m]) for m in piece))))
+    routes = {}
+    for p in plans:
+        k = sets.index(frozenset(set(p.cut.device) & need - placeholders))
+        device = tuple(x.name for x in segs[:k] if x)
+        edge = tuple(x.name for x in segs[k:] if x)
+        edge_reads = set().union(*(set(x.inputs) for x in segs[k:] if x)) - set().union(
+            *(set(x.nodes) for x in segs[k:] if x))
+        routes[p.id] = Route(p.id, p.exit, device, edge, tuple(n for n in nodes if n in edge_reads))
+    return [x for x in segs if x], routes, exits
+
+
 def charged_macs(node: fx.Node) -> float:
     """The MACs the cost model charges `node` (`meta.MACS`, Winograd's share of a 3x3 conv; 0 for
     an epilogue fused into its producer or a batch norm folded into a conv): the work the

@@ -64,9 +64,15 @@ def test_every_find_cuts_candidate_of_a_block(tmp_path):
     annotate_cost(gm, prof, prof)
     cuts = find_cuts(gm)
     assert len(cuts) >= 4
-    res = check_cuts(gm, x, cuts, onnx=False)
+    res = check_cuts(gm, x, cuts, onnx=False, out_dir=tmp_path)
     assert set(res.errors) == {c.name for c in cuts}
     assert res.ok, res.errors
+    from edgecut.codegen.manifest import Manifest
+
+    m = Manifest.read(tmp_path)              # chained: each node in one segment, however many cuts
+    built = [n for s in m.segments for n in s.nodes]
+    assert len(built) == len(set(built)) and res.segments <= len(cuts) + 1
+    assert max(len(r.device) + len(r.edge) for r in m.routes.values()) == res.segments
 
 
 def test_check_cuts_refuses_what_it_cannot_run():
