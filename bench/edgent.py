@@ -83,6 +83,18 @@ class Narrowed:
         return getattr(self._part, name)
 
 
+def testbed(path, test, requests: int, rate: float, rtt: float, device):
+    """The test inputs and labels, the order of `requests` of them, and the bench's parts: an edge
+    server over the artifact at `path` (calibrated at start), a link emulator before it at `rate`
+    bit/s with `rtt`, and the emulated `device` (a DeviceModel) over the device part."""
+    xs = np.stack([test[i][0].numpy() for i in range(len(test))])[:, None]
+    ys = np.array([int(test[i][1]) for i in range(len(test))])
+    order = np.random.default_rng(0).permutation(len(xs))[:requests]
+    server = EdgeServer(path, "127.0.0.1", 0, workers=1).start()           # calibrates the edge parts
+    link = LinkEmulator(("127.0.0.1", 0), server.address, rate=rate, delay=rtt / 2, burst=0).start()
+    return xs, ys, order, server, link, EmulatedDevice(load(path, "device"), device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=30, help="requests per cell and strategy (default 30)")
@@ -116,12 +128,7 @@ def main() -> None:
     print(f"trained and compiled in {time.monotonic() - t0:.0f} s: {len(man.candidates)} routes; exit test "
           "accuracy " + ", ".join(f"{x:.3f}" for x in man.info.get("test_accuracy", [])), flush=True)
 
-    xs = np.stack([test[i][0].numpy() for i in range(len(test))])[:, None]
-    ys = np.array([int(test[i][1]) for i in range(len(test))])
-    order = np.random.default_rng(0).permutation(len(xs))[: a.requests]
-    server = EdgeServer(path, "127.0.0.1", 0, workers=1).start()           # calibrates the edge parts
-    link = LinkEmulator(("127.0.0.1", 0), server.address, rate=bws[0], delay=a.rtt / 2, burst=0).start()
-    dev = EmulatedDevice(load(path, "device"), device)
+    xs, ys, order, server, link, dev = testbed(path, test, a.requests, bws[0], a.rtt, device)
     t1 = time.monotonic()
     DeviceRuntime(dev).close()                                                 # calibrates the device
     print(f"device calibrated in {time.monotonic() - t1:.0f} s", flush=True)

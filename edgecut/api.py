@@ -5,6 +5,7 @@
     gm = annotate_cost(gm, device, edge)        predicted seconds per node on both sides
     table = plan_table(gm, deadline, ...)       a first (exit, cut) plan per bandwidth range
     cands = candidates(gm, keep=table.plans)    the cuts a calibrated device may want (Pareto fronts)
+    cands = code_plans(gm, cands, codecs, ...)  (exit, cut, codec): int8 scales, accuracy, bytes measured
     manifest = build_artifact(gm, table, ...)   TVM libraries per side for every candidate, ONNX, manifest
     table = solve_table(route_costs(manifest))  the final table, over the candidates as built
 """
@@ -32,7 +33,7 @@ class RightSizingOffWarning(UserWarning):
 
 def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandwidth=None, exits="auto",
             data=None, profile=None, objective: str = "accuracy", *, edge_profile=None, rtt=0.0,
-            margin=0.0, epochs: int = 15, max_accuracy_loss: float = 0.01, num_exits: int = 5,
+            margin=0.0, epochs: int = 15, max_accuracy_loss: float = 0.01, num_exits: int = 5, codecs=("fp32",),
             allow_uncalibrated: bool = False, out_dir=None, backend: str = "tvm", name: str | None = None,
             progress: bool = True, edge_batches=()) -> "Artifact":
     """Compile `model` into a device/edge artifact that meets `deadline` with the best accuracy.
@@ -45,8 +46,11 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     Datasets, or `edgecut.data.Splits`). `model` may also be `artifact.gm` of an earlier compile
     with exits: it is then compiled again (another deadline, another target) without retraining. objective: "accuracy" (Edgent) or "latency"
     (Neurosurgeon). margin: relative prediction error to plan for, or "p95" for the profiles'
-    95th-percentile error (ALERT). rtt: the link's round trip in seconds or "20ms". edge_batches:
-    more batch sizes for the edge segments (e.g. (4, 8), for `edgecut serve --ray` batching).
+    95th-percentile error (ALERT). rtt: the link's round trip in seconds or "20ms". codecs: how
+    crossing tensors may travel (`edgecut.codecs.known()`, e.g. ("fp32", "fp16", "int8+zstd")):
+    beyond fp32 each becomes a plan dimension, its accuracy measured on `data` (a loss above
+    max_accuracy_loss drops it) and its bytes measured on it. edge_batches: more batch sizes
+    for the edge segments (e.g. (4, 8), for `edgecut serve --ray` batching).
     """
     from edgecut.codegen.artifact import build_artifact
     from edgecut.costmodel.profile import load_profile
@@ -54,6 +58,7 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     from edgecut.frontend import trace
     from edgecut.frontend.tracing import require_one_output
     from edgecut.passes.annotate_cost import annotate_cost
+    from edgecut.codecs import parse_all
     from edgecut.passes.candidates import candidates
     from edgecut.passes.plan_table import plan_table
 
@@ -65,6 +70,10 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     dev_prof = load_profile(profile or _default_profile(device_t, "device"), target=device_t)
     edge_prof = load_profile(edge_profile or _default_profile(edge_t, "edge"), target=edge_t)
     margin = max(dev_prof.error_p95, edge_prof.error_p95) if margin == "p95" else float(margin)
+    codecs = parse_all(codecs)
+    if len(codecs) > 1 and data is None:
+        raise UsageError(f"codecs {', '.join(codecs[1:])} need data: their int8 scales and accuracy are measured on "
+                         "it (pass data='digits' or (train, val) datasets), or use codecs=('fp32',)")
 
     if _trained(model):                                                  # a graph compile already right-sized
         gm, exit_info = model, dict(model.meta.get(meta.RIGHT_SIZING, {}))
@@ -86,9 +95,11 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
             "layers": layer_rows(gm), **exit_info,
             "warnings": [str(w.message) for w in caught]}
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgecut-"))
+    cands = candidates(gm, keep=table.plans)                            # (exit, cut): Pareto fronts
+    cands, info["codecs"] = _code(gm, cands, codecs, data, example_input, max_accuracy_loss)  # (exit, cut, codec)
     manifest = build_artifact(gm, table, device_t, edge_t, out, (example_input,), backend=backend,
                               model_name=name or type(model).__name__, progress=progress, info=info,
-                              candidates=candidates(gm, keep=table.plans), edge_batches=edge_batches)
+                              candidates=cands, edge_batches=edge_batches)
     manifest = _plan_as_built(gm, manifest, dev_prof, edge_prof, rtt, overhead, objective, margin, bool(caught))
     manifest.write(out)
     return Artifact(out, manifest, gm)
@@ -105,7 +116,11 @@ def _plan_as_built(gm, manifest, dev_prof, edge_prof, rtt, overhead, objective, 
     from edgecut.planning import route_costs, solve_table
 
     deadline = manifest.table.deadline
-    manifest = replace(manifest, candidates=predict_routes(gm, manifest, dev_prof, edge_prof))
+    coded = manifest.info.get("codecs") or {}                           # the lossless stage's measured seconds
+    manifest = replace(manifest, candidates=tuple(
+        replace(p, device_s=p.device_s + coded.get(p.id, {}).get("encode_s", 0.0),
+                edge_s=p.edge_s + coded.get(p.id, {}).get("decode_s", 0.0))
+        for p in predict_routes(gm, manifest, dev_prof, edge_prof)))
     table = solve_table(route_costs(manifest), deadline, rtt=rtt, overhead=overhead, objective=objective,
                         margin=margin)
     every = PlanTable(tuple(float(i) for i in range(len(manifest.candidates))), manifest.candidates, deadline)
@@ -119,6 +134,16 @@ def _plan_as_built(gm, manifest, dev_prof, edge_prof, rtt, overhead, objective, 
         warnings.warn(DeadlineWarning(msg), stacklevel=3)
         manifest.info.setdefault("warnings", []).append(msg)
     return replace(manifest, table=table, fallback=fallback)
+
+
+def _code(gm, cands, codecs, data, example_input, max_loss) -> tuple:
+    """The candidates with their coded twins and what was measured of them (nothing beyond fp32: as is)."""
+    if len(codecs) == 1:
+        return cands, {}
+    from edgecut.passes.codec_plans import code_plans
+
+    train, val, _ = _splits(data, tuple(example_input.shape[1:]))
+    return code_plans(gm, cands, codecs, train, val, max_loss)
 
 
 def _trained(model) -> bool:
@@ -279,9 +304,12 @@ class Artifact:
         if res.done:
             return Simulation(res.outputs["logits"], plan, res.exit_id, res.exit_id != plan.exit, res.seconds,
                               0.0, 0.0, 0, device.backend)
-        sent = sum(int(a.nbytes) for a in res.outputs.values())
+        from edgecut.runtime.protocol import pack_tensors, unpack_tensors
+
+        packed = pack_tensors(res.outputs, plan.codec)               # the codec's lossless stage, if any
+        sent = sum(int(a.nbytes) for a in packed.values())
         edge = self._part("edge")
-        out = edge.run(plan.id, res.outputs)
+        out = edge.run(plan.id, unpack_tensors(packed, plan.codec))
         transfer = link.transfer_seconds(sent, int(out.outputs["logits"].nbytes))
         return Simulation(out.outputs["logits"], plan, out.exit_id, False, res.seconds, transfer, out.seconds,
                           sent, device.backend)
@@ -302,8 +330,11 @@ class Artifact:
                 ort.setdefault(lib.segment, (lib.note, []))[1].append(lib.side)
         for seg, (note, sides) in ort.items():
             lines.append(f"  segment {seg} runs on ONNX Runtime ({', '.join(sides)}): {note or 'no reason recorded'}")
-        lines.append(f"  {'bandwidth from':>15}  {'exit':>4}  {'cut':<28} {'predicted':>10}  feasible")
+        from edgecut.explain import codec_lines
+
+        lines += codec_lines(self.manifest.candidates, info.get("codecs") or {})
+        lines.append(f"  {'bandwidth from':>15}  {'exit':>4}  {'cut':<28} {'codec':<10} {'predicted':>10}  feasible")
         for lo, p in zip(self.table.bounds, self.table.plans):
-            lines.append(f"  {format_bandwidth(lo):>15}  {p.exit:>4}  {p.cut.name[:28]:<28} "
+            lines.append(f"  {format_bandwidth(lo):>15}  {p.exit:>4}  {p.cut.name[:28]:<28} {p.codec:<10} "
                          f"{format_time(p.latency_s):>10}  {'yes' if p.feasible else 'NO (+' + format_time(p.shortfall_s) + ')'}")
         return "\n".join(lines)

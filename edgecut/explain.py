@@ -72,7 +72,7 @@ def _layers_panel(ax, layers: list[dict], plan: Plan) -> None:
         last = max(i for i, r in enumerate(layers) if on_device[i])
         ax.axvline(last + 0.5, color="red", lw=2, ls="--")
         ax.text(last + 0.6, ax.get_ylim()[1] * 0.92, f"cut: {', '.join(plan.cut.crossing)}\n"
-                f"sends {plan.cut.crossing_bytes / 1024:.1f} KiB", color="red", fontsize=9, va="top")
+                f"sends {plan.cut.crossing_bytes / 1024:.1f} KiB ({plan.codec})", color="red", fontsize=9, va="top")
     else:
         ax.text(0.5, 0.92, "device-only: nothing crosses", transform=ax.transAxes, color="red", ha="center")
     exits = [i for i, r in enumerate(layers) if r.get("exit") is not None]
@@ -99,7 +99,8 @@ def _table_panel(bx, table: PlanTable, plan: Plan, bandwidth: float | None) -> N
                         step="pre", hatch=None if p.feasible else "//")
         bx.hlines(p.latency_s * 1e3, lo, hi, color=c, lw=2)
         mid = math.sqrt(lo * hi)
-        bx.text(mid, p.latency_s * 1e3, f"e{p.exit}\n{p.cut.name}", ha="center", va="bottom", fontsize=7)
+        codec = "" if p.codec == "fp32" else f"\n{p.codec}"
+        bx.text(mid, p.latency_s * 1e3, f"e{p.exit}\n{p.cut.name}{codec}", ha="center", va="bottom", fontsize=7)
     if math.isfinite(table.deadline):
         bx.axhline(table.deadline * 1e3, color="red", ls="--", lw=1, label=f"deadline {table.deadline * 1e3:.0f} ms")
     if bandwidth:
@@ -110,3 +111,30 @@ def _table_panel(bx, table: PlanTable, plan: Plan, bandwidth: float | None) -> N
     bx.set_ylabel("predicted latency (ms)")
     bx.set_title("plan table: the plan per bandwidth range (colour = exit; hatched = infeasible)", fontsize=10)
     bx.legend(loc="upper right", fontsize=8)
+
+
+def codec_lines(candidates, measured: dict) -> list[str]:
+    """The crossing bytes of every offloading cut under each codec compiled (fp32 from the cut,
+    the others as measured on validation data, `measured` = `manifest.info["codecs"]`), and each
+    plan's codec and accuracy; empty when the artifact has fp32 only."""
+    if not measured:
+        return []
+    names = sorted({v["codec"] for v in measured.values()}, key=lambda c: (c.split("+")[0] != "fp32", c))
+    cuts: dict = {}
+    for p in candidates:
+        if p.codec == "fp32" and not p.cut.device_only:
+            cuts.setdefault(p.id, {})["fp32"] = f"{p.cut.crossing_bytes}"
+    for pid, v in measured.items():
+        base_id = pid.rpartition("@")[0]
+        cuts.setdefault(base_id, {})[v["codec"]] = f"{v['bytes']:.0f}" + ("" if v["kept"] else "*")
+    cols = ["fp32", *names]
+    lines = ["  crossing bytes per cut (measured on validation data; * = dropped: loses more than max_accuracy_loss)",
+             f"  {'plan':<30}" + "".join(f"{c:>11}" for c in cols)]
+    for pid, row in cuts.items():
+        lines.append(f"  {pid[:30]:<30}" + "".join(f"{row.get(c, '-'):>11}" for c in cols))
+    lines.append(f"  {'plan (exit/cut@codec)':<44} {'codec':<10} {'accuracy':>8}  measured loss")
+    for p in candidates:
+        loss = measured.get(p.id, {}).get("loss")
+        lines.append(f"  {p.id[:44]:<44} {p.codec:<10} {p.accuracy:>8.3f}  "
+                     + ("-" if loss is None else f"{100 * loss:.1f} points"))
+    return lines

@@ -49,6 +49,7 @@ class RouteCost:
     down_bytes: int
     cut: Cut | None = None
     link_factor: float = 1.0     # observed / modelled link time to plan with (>= 1: the link's jitter)
+    codec: str = "fp32"          # how the crossing tensors travel (edgecut.codecs); up_bytes are coded bytes
 
     def transfer_s(self, link: Link) -> float:
         """Seconds on `link` (0 for a device-only route; a round trip even if nothing is sent up),
@@ -66,10 +67,10 @@ class RouteCost:
         """This route as a `Plan` over `link`, with its feasibility under `deadline`."""
         transfer = self.transfer_s(link)
         need = (self.device_s + transfer + self.edge_s) * (1.0 + margin)
-        cut = self.cut or Cut(self.plan_id.partition("/")[2] or self.plan_id, frozenset(),
+        cut = self.cut or Cut(self.plan_id.partition("/")[2].partition("@")[0] or self.plan_id, frozenset(),
                               () if self.device_only else ("?",), int(self.up_bytes))
         return Plan(self.exit, cut, self.device_s, transfer, self.edge_s, self.accuracy,
-                    feasible=need <= deadline, shortfall_s=max(0.0, need - deadline))
+                    feasible=need <= deadline, shortfall_s=max(0.0, need - deadline), codec=self.codec)
 
 
 def runnable_plans(manifest) -> list:
@@ -105,22 +106,25 @@ def route_costs(manifest, device_s: dict | None = None, edge_s: dict | None = No
     out = []
     for p in runnable_plans(manifest):
         route = routes.get(p.id)
+        codec = getattr(p, "codec", "fp32")
         up, down = int(p.cut.crossing_bytes), 0
-        if route is not None and all(c in tensors for c in route.crossing):
-            up = sum(_nbytes(tensors[c]) for c in route.crossing)
+        if codec == "fp32" and route is not None and all(c in tensors for c in route.crossing):
+            up = sum(_nbytes(tensors[c]) for c in route.crossing)   # coded plans: the bytes measured at compile
         local = route.device_only if route is not None else p.cut.device_only
         ex = exits.get(p.exit)
         if not local and ex is not None and ex.output in tensors:
             down = _nbytes(tensors[ex.output])
         out.append(RouteCost(p.id, int(p.exit), float(p.accuracy), bool(local),
                              float(device_s.get(p.id, p.device_s)), float(edge_s.get(p.id, p.edge_s)),
-                             up, down, p.cut))
+                             up, down, p.cut, codec=codec))
     return out
 
 
 def _rank(r: RouteCost, objective: str) -> tuple:
     """Smaller is preferred before latency: the exit order of compile (`passes.solve.exit_order`):
-    known accuracy before unknown, higher accuracy, then the deeper exit."""
+    known accuracy before unknown, higher accuracy, then the deeper exit. A coded route's
+    accuracy is measured with its codec (`passes.codec_plans`), so a codec that costs accuracy
+    is taken only when no more accurate route fits; one that costs none competes on latency."""
     if objective == "latency":
         return (0,)
     known = not math.isnan(r.accuracy)
@@ -167,7 +171,7 @@ def range_key(plan: Plan) -> tuple:
     device-only) and feasibility. Two cuts that send the same bytes are the same plan to the
     device (their predicted times differ only by a tie), so a range keeps its first cut rather
     than flapping between them."""
-    return plan.exit, plan.cut.device_only, plan.cut.crossing_bytes, plan.feasible
+    return plan.exit, plan.cut.device_only, plan.cut.crossing_bytes, plan.feasible, plan.codec
 
 
 def solve_table(routes, deadline: float = math.inf, *, rtt: float = 0.0, overhead: float = 0.0,

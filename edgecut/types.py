@@ -60,7 +60,7 @@ class Cut:
 
 @dataclass(frozen=True)
 class Plan:
-    """One choice of (exit, cut) with its predicted latency split and expected accuracy.
+    """One choice of (exit, cut, codec) with its predicted latency split and expected accuracy.
     `exit` is the exit id (the final output of the backbone has the largest id).
     `feasible` is False when the predicted latency exceeds the deadline; `shortfall_s` by how much."""
 
@@ -72,6 +72,7 @@ class Plan:
     accuracy: float = float("nan")
     feasible: bool = True
     shortfall_s: float = 0.0
+    codec: str = "fp32"         # how the crossing tensors travel (edgecut.codecs); fp32: as computed
 
     @property
     def latency_s(self) -> float:
@@ -79,11 +80,11 @@ class Plan:
 
     @property
     def id(self) -> str:
-        """Stable id used on the wire and in the manifest."""
-        return f"e{self.exit}/{self.cut.name}"
+        """Stable id used on the wire and in the manifest: "e1/after:pool1", "e1/after:pool1@int8+zstd"."""
+        return f"e{self.exit}/{self.cut.name}" + ("" if self.codec == "fp32" else f"@{self.codec}")
 
     def same_choice(self, other: "Plan") -> bool:
-        return self.exit == other.exit and self.cut.name == other.cut.name
+        return self.exit == other.exit and self.cut.name == other.cut.name and self.codec == other.codec
 
     def to_dict(self) -> dict:
         d = asdict(self)

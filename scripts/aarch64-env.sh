@@ -12,8 +12,10 @@
 # Cached under ${EDGECUT_CACHE:-~/.cache/edgecut}/aarch64:
 #   sysroot/  Debian bookworm arm64 packages (python3.11-minimal, libpython3.11-stdlib, libstdc++6,
 #             libgcc-s1 and their dependencies), unpacked with dpkg-deb -x, no maintainer scripts
-#   site/     aarch64 wheels unzipped (numpy, ml_dtypes, typing_extensions, msgpack, apache-tvm,
-#             apache-tvm-ffi); TVM's compiler library is removed, as on a runtime-only device
+#   site/     aarch64 wheels unzipped (numpy, ml_dtypes, typing_extensions, msgpack, zstandard, lz4,
+#             apache-tvm, apache-tvm-ffi); TVM's compiler library is removed, as on a runtime-only device
+#             (a cache made before zstandard and lz4 were listed lacks them: only the codecs' lossless
+#             stage needs them; `rm -r` the cache to rebuild)
 #   pycache/  the emulated python's bytecode (PYTHONPYCACHEPREFIX): importing TVM under qemu takes
 #             ~10 s with it, ~30 s compiling every module each time without it
 # Extra folders for PYTHONPATH (e.g. the edgecut checkout) go in EDGECUT_AARCH64_PYTHONPATH.
@@ -63,7 +65,7 @@ setup_site() {
   python -m pip download -q --disable-pip-version-check -d "$wheels" \
       --platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 \
       --only-binary=:all: --python-version 3.11 --implementation cp --no-deps \
-      numpy ml_dtypes typing_extensions msgpack "apache-tvm==$TVM_VERSION" "apache-tvm-ffi==$TVM_FFI_VERSION"
+      numpy ml_dtypes typing_extensions msgpack zstandard lz4 "apache-tvm==$TVM_VERSION" "apache-tvm-ffi==$TVM_FFI_VERSION"
   for whl in "$wheels"/*.whl; do
     python -m zipfile -e "$whl" "$SITE.tmp"
   done

@@ -41,6 +41,8 @@ def register(sub) -> None:
     p.add_argument("--profile", help="device cost profile (name or file; default: the target's)")
     p.add_argument("--edge-profile", help="edge cost profile (name or file; default: the edge target's)")
     p.add_argument("--allow-uncalibrated", action="store_true", help="plan with an uncalibrated profile's guesses")
+    p.add_argument("--codecs", default="fp32", help="how crossing tensors may travel, comma-separated, e.g. "
+                   "fp32,fp16,int8+zstd (needs --data; default fp32)")
     p.add_argument("--backend", choices=("tvm", "onnxruntime"), default="tvm", help="code generator (default tvm)")
     p.add_argument("--edge-batches", default="", metavar="N,N",
                    help="also compile the edge segments for these batch sizes, e.g. 4,8 (for `edgecut serve --ray` batching)")
@@ -67,7 +69,7 @@ def run(args) -> int:
                           profile=args.profile, edge_profile=args.edge_profile, objective=args.objective,
                           rtt=args.rtt, margin=margin, epochs=args.epochs, num_exits=args.exits,
                           allow_uncalibrated=args.allow_uncalibrated, out_dir=args.output, backend=args.backend,
-                          name=name, edge_batches=batches)
+                          name=name, codecs=tuple(c for c in args.codecs.split(",") if c), edge_batches=batches)
     print(art.report())
     if args.explain:
         print(f"explain: {art.explain(args.explain)}")

@@ -71,7 +71,9 @@ class Route:
     """How one plan runs. `device`: segment names run on the device, in order; `edge`: those run
     on the edge; `crossing`: node names sent from device to edge. `checks`: early exits, each
     (k, exit id, head segments): once the first k device segments have run, the head segments
-    compute that exit's logits, and an entropy under the exit's threshold ends the request."""
+    compute that exit's logits, and an entropy under the exit's threshold ends the request.
+    `codec`: how the crossing tensors travel (`edgecut.codecs`); with a base other than fp32 the
+    crossing names are the coded tensors (`codecs.coded_name`) the device segments return."""
 
     plan_id: str
     exit: int
@@ -79,6 +81,7 @@ class Route:
     edge: tuple
     crossing: tuple
     checks: tuple = ()
+    codec: str = "fp32"
 
     @property
     def device_only(self) -> bool:
@@ -87,12 +90,13 @@ class Route:
     def to_dict(self) -> dict:
         return {"plan_id": self.plan_id, "exit": self.exit, "device": list(self.device),
                 "edge": list(self.edge), "crossing": list(self.crossing),
-                "checks": [[k, e, list(h)] for k, e, h in self.checks]}
+                "checks": [[k, e, list(h)] for k, e, h in self.checks], "codec": self.codec}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Route":
         return cls(d["plan_id"], int(d["exit"]), tuple(d["device"]), tuple(d["edge"]),
-                   tuple(d["crossing"]), tuple((int(k), int(e), tuple(h)) for k, e, h in d["checks"]))
+                   tuple(d["crossing"]), tuple((int(k), int(e), tuple(h)) for k, e, h in d["checks"]),
+                   d.get("codec", "fp32"))
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 import torch.fx as fx
 
+from edgecut.codecs import coded_name, split_name
+from edgecut.codecs import parse as parse_codec
 from edgecut.codegen.manifest import ExitSpec, Route, Segment
 from edgecut.costmodel.features import folded_into_conv, fused_into, work_features
 from edgecut.errors import CodegenError
@@ -105,8 +107,15 @@ def split(gm: fx.GraphModule, plans, exits: list[ExitSpec] | None = None):
                                    f"input {missing[0]!r}; a cut's device set must be closed under predecessors")
     made: dict[tuple, Segment] = {}
 
-    def segment(members: list[str], outputs) -> str:
-        key = (tuple(members), _inputs_of(members, nodes), tuple(o for o in members if o in outputs))
+    def segment(members: list[str], outputs, coded: dict | None = None, encode=()) -> str:
+        """`outputs`: the member names to return; `coded` (node -> coded tensor name): crossing
+        tensors a coded plan reads as inputs, or returns coded (and raw only if in `outputs`);
+        `encode`: model inputs the segment reads and returns coded (a coded input cut)."""
+        coded = coded or {}
+        ins = tuple(coded.get(i, i) for i in _inputs_of(members, nodes)) + tuple(encode)
+        outs = tuple(x for o in members for x in ((o,) if o in outputs else ()) + ((coded[o],) if o in coded else ()))
+        outs += tuple(coded[e] for e in encode)
+        key = (tuple(members), ins, outs)
         if key not in made:
             made[key] = Segment(f"seg{len(made)}", *key, macs=round(sum(charged_macs(nodes[m]) for m in members)))
         return made[key].name
@@ -121,11 +130,12 @@ def chain_split(gm: fx.GraphModule, plans, exits: list[ExitSpec] | None = None):
     once, however many cuts there are, which is what checking every cut needs
     (`codegen.check_cuts`); a deployed artifact uses `split` (fewer calls per route). Needs the
     plans' device sets nested (single-tensor cuts of one exit are) and no early-exit checks;
-    otherwise it returns `split(...)`."""
+    otherwise (or for coded plans) it returns `split(...)`."""
     plans = _plans(plans)
     exits = exits if exits is not None else exit_specs(gm, plans)
     nodes = {n.name: n for n in gm.graph.nodes}
-    if len({p.exit for p in plans}) != 1 or not all(set(p.cut.device) <= set(nodes) for p in plans):
+    if len({p.exit for p in plans}) != 1 or not all(set(p.cut.device) <= set(nodes) for p in plans) \
+            or any(getattr(p, "codec", "fp32") != "fp32" for p in plans):      # coded routes: split's
         return split(gm, plans, exits)
     ex = next((e for e in exits if e.id == plans[0].exit), None)
     if ex is None or any(e.id < ex.id and not math.isnan(e.threshold) for e in exits):
@@ -200,15 +210,22 @@ def _route(plan, segment, nodes, anc, exits, placeholders) -> Route:
     bounds = sorted({0, len(dev), *(pos for pos, _, _ in heads)})
     spans = [dev[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
     edge_reads = set(_inputs_of(edge, nodes))
-    crossing = tuple(n for n in order if n in edge_reads)
+    # a coded plan's device spans return the crossing tensors coded, its edge segment reads them so
+    base = parse_codec(getattr(plan, "codec", "fp32")).base
+    coded = {n: coded_name(n, base) for n in edge_reads} if base != "fp32" else {}
+    crossing = tuple(coded.get(n, n) for n in order if n in edge_reads)
     # a span returns what later spans, heads or the edge read, and the plan's logits
     later = [set(_inputs_of(s, nodes)) for s in spans]
-    wanted = edge_reads | {r for _, _, h in heads for r in _inputs_of(h, nodes)} | {_logits(plan, exits)}
-    device = tuple(segment(s, wanted | set().union(*later[k + 1:])) for k, s in enumerate(spans))
+    on_device = {r for _, _, h in heads for r in _inputs_of(h, nodes)} | {_logits(plan, exits)}
+    wanted = on_device | (set() if coded else edge_reads)
+    device = tuple(segment(s, wanted | set().union(*later[k + 1:]), coded) for k, s in enumerate(spans))
+    sent_inputs = [n for n in order if n in coded and n in placeholders]
+    if sent_inputs:                     # model inputs the edge reads: one more device call codes them
+        device += (segment([], set(), coded, sent_inputs),)
     checks = sorted(((sum(1 for b in bounds[1:] if b <= pos), e.id, (segment(h, {e.output}),))
                      for pos, e, h in heads), key=lambda c: (c[0], c[1]))
-    edge_seg = (segment(edge, {_logits(plan, exits)}),) if edge else ()
-    return Route(plan.id, plan.exit, device, edge_seg, crossing, tuple(checks))
+    edge_seg = (segment(edge, {_logits(plan, exits)}, coded),) if edge else ()
+    return Route(plan.id, plan.exit, device, edge_seg, crossing, tuple(checks), getattr(plan, "codec", "fp32"))
 
 
 def _logits(plan, exits) -> str:
@@ -222,9 +239,10 @@ def segment_module(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:
     env: dict[str, fx.Node] = {}
     nodes = {n.name: n for n in gm.graph.nodes}
     for name in seg.inputs:
+        raw = split_name(name)[0]
         ph = g.placeholder(name)
-        ph.meta = dict(nodes[name].meta)
-        env[name] = ph
+        ph.meta = dict(nodes[raw].meta) if raw == name else {}
+        env[raw] = ph               # a coded input: apply_codecs decodes it before its users
 
     def arg(n: fx.Node) -> fx.Node:
         if n.name not in env:            # a get_attr: weights are copied into every segment using them
@@ -233,6 +251,10 @@ def segment_module(gm: fx.GraphModule, seg: Segment) -> fx.GraphModule:
 
     for name in seg.nodes:
         env[name] = g.node_copy(nodes[name], arg)
-    g.output(tuple(env[o] for o in seg.outputs))
+    g.output(tuple(env[split_name(o)[0]] for o in seg.outputs))
     g.lint()
-    return fx.GraphModule(gm, g, f"{type(gm).__name__}_{seg.name}")
+    seg_gm = fx.GraphModule(gm, g, f"{type(gm).__name__}_{seg.name}")
+    seg_gm._edgecut_outputs = tuple(seg.outputs)
+    from edgecut.codegen.codec_ops import apply_codecs
+
+    return apply_codecs(seg_gm, gm)                     # coded inputs decoded, coded outputs encoded

@@ -75,7 +75,7 @@ def check_data(gm: fx.GraphModule, batches: DataLoader, what: str) -> None:
 def _num_classes(gm: fx.GraphModule) -> int:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     shapes = out.meta.get(M.SHAPE)
-    return shapes[-1][-1]
+    return shapes[-1][-1] if isinstance(shapes[-1], tuple) else shapes[-1]     # exits' logits, or one output
 
 
 def exit_logits(gm: fx.GraphModule, data: Data, batch_size: int = 256) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -34,6 +34,8 @@ EXITS = "edgecut.exits"        # list[dict]: one per exit, ordered by id: {"id",
 EXIT = "edgecut.exit"          # int: the one exit a graph lowered by passes.lower_exit computes
 RIGHT_SIZING = "edgecut.right_sizing"  # dict: what compile measured of the exits (test accuracy,
                                #   early-exit fractions), so a trained graph can be compiled again
+CODEC_SCALES = "edgecut.codec_scales"  # dict: crossing node name -> codecs.Affine.to_dict() (int8 scales
+                               #   calibrated on the training data by compile; read by codegen.codec_ops)
 TRACER = "_edgecut_tracer"     # "fx" or "export": which tracer produced the graph
 COST = "edgecut.cost"          # dict written by annotate_cost: {"device"|"edge": {"profile", "calibrated",
                                #   "error_p95", "source"}, "uncalibrated": [profile names allowed anyway]}

@@ -7,7 +7,8 @@ fall asleep and caches go cold between requests. A device part with early-exit c
 timed with its exit heads run but not taken (each head's library right after the part): what a
 request with early exit on costs when no exit fires, the worst case a deadline must survive. It
 keeps every sample; `Calibration.seconds(q, early_exit)` gives the q-quantile per plan id, with the
-heads when `early_exit`, without them otherwise. `ensure_calibration` is what `DeviceRuntime` and `EdgeServer`
+heads when `early_exit`, without them otherwise. A plan whose codec has a lossless stage is timed
+with it: the device's encode of what it sends, the edge's decode of what it gets. `ensure_calibration` is what `DeviceRuntime` and `EdgeServer`
 do at start: use the valid calibration beside the artifact, or make one and save it there.
 
 The file (`calibration-<side>.json` beside the artifact; `calibration-<side>-<runner>.json` for a
@@ -36,6 +37,7 @@ import numpy as np
 
 from edgecut.errors import ArtifactError, UsageError
 from edgecut.planning import runnable_plans
+from edgecut.runtime.protocol import pack_tensors, unpack_tensors
 
 FORMAT = 1
 SIDES = ("device", "edge")
@@ -214,7 +216,23 @@ def _like(spec, rng) -> np.ndarray:
     dt = np.dtype(spec.dtype)
     if dt.kind == "f":
         return rng.standard_normal(spec.shape).astype(dt)
+    if dt == np.int8:                   # an int8-coded crossing tensor: its lossless stage sees noise
+        return rng.integers(-128, 128, spec.shape).astype(dt)
     return np.zeros(spec.shape, dt)
+
+
+def _coded_call(part, side: str, plan, tensors):
+    """A call of `plan`'s `side` as the runtime makes it: the device's part and its codec's lossless
+    encode of what it sends, or the edge's decode of what it gets and its part."""
+    codec = getattr(plan, "codec", "fp32")
+    if side == "edge":
+        if codec != "fp32":
+            tensors = unpack_tensors(tensors, codec)
+        return part.run(plan.id, tensors, early_exit=False)
+    res = part.run(plan.id, tensors, early_exit=False)
+    if codec != "fp32" and not getattr(res, "done", True):
+        pack_tensors(res.outputs, codec)
+    return res
 
 
 def _inputs(obj, side: str, plans) -> dict:
@@ -261,11 +279,13 @@ def calibrate(part, side: str = "device", *, idle_pattern=IDLE_PATTERN, repeats:
     if not plans:
         raise ArtifactError(f"nothing runs on the {side} side of this artifact: nothing to calibrate")
     tensors = _inputs(part, side, plans)
+    if side == "edge":                  # what a coded plan's edge gets: the lossless stage's bytes
+        tensors = {p.id: pack_tensors(tensors[p.id], getattr(p, "codec", "fp32")) for p in plans}
     heads = _heads(part, plans) if side == "device" else {}
     samples, with_heads = {p.id: [] for p in plans}, {pid: [] for pid in heads}
     for _ in range(warmup):
         for p in plans:
-            part.run(p.id, dict(tensors[p.id]), early_exit=False)
+            _coded_call(part, side, p, dict(tensors[p.id]))
             _time_heads(heads.get(p.id, ()))
     for _ in range(repeats):
         for idle in idle_pattern:
@@ -273,7 +293,7 @@ def calibrate(part, side: str = "device", *, idle_pattern=IDLE_PATTERN, repeats:
                 if idle:
                     sleep(idle)
                 t = time.perf_counter()
-                part.run(p.id, dict(tensors[p.id]), early_exit=False)
+                _coded_call(part, side, p, dict(tensors[p.id]))
                 samples[p.id].append(time.perf_counter() - t)
                 if p.id in heads:
                     with_heads[p.id].append(samples[p.id][-1] + _time_heads(heads[p.id]))

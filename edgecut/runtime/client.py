@@ -26,7 +26,7 @@ import math
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -245,6 +245,10 @@ class DeviceRuntime:
             if not plan.cut.device_only and not self._connected(end):
                 return self._fallback(inputs, t0, end, early, f"edge unreachable: {self._last_error}", 0.0, bw)
             res = self.part.run(plan.id, inputs, early_exit=early)
+            if not res.done and getattr(plan, "codec", "fp32") != "fp32":   # the codec's lossless stage
+                t = time.perf_counter()
+                res = replace(res, outputs=P.pack_tensors(res.outputs, plan.codec))
+                res = replace(res, seconds=res.seconds + time.perf_counter() - t)
             if res.exit_id == plan.exit:          # the whole device part ran (no early exit)
                 self.planner.observe(plan.id, "device", res.seconds)
             if res.done:
@@ -261,9 +265,10 @@ class DeviceRuntime:
         if left is not None and left <= 0:
             return self._fallback(inputs, t0, end, early, "deadline spent on the device before sending", res.seconds, bw)
         wait_until = sent_at + (self.request_timeout if left is None else left)
-        up_bytes = sum(int(np.asarray(v).nbytes) for v in res.outputs.values())
+        up_bytes = sum(int(v.nbytes) for v in res.outputs.values())
         try:
-            reply, up, down = self._conn.request(P.infer(rid, plan.id, res.outputs, left), wait_until)
+            reply, up, down = self._conn.request(P.infer(rid, plan.id, res.outputs, left,
+                                                         getattr(plan, "codec", "fp32")), wait_until)
         except TimeoutError:
             waited = time.monotonic() - sent_at
             self._drop(f"edge timed out after {waited:.3f}s")

@@ -7,7 +7,7 @@ Conversation (every message is a map with a "type"):
     server -> device  {type: "challenge", version, nonce: bin(32), auth: bool}
     device -> server  {type: "hello", version, model, manifest_sha256, auth: bin | nil}
     server -> device  {type: "welcome", version, model, manifest_sha256[, edge_s: {plan id: seconds}]}   or an error, then close
-    device -> server  {type: "infer", id, plan, deadline_s: float | nil, tensors: [tensor, ...]}
+    device -> server  {type: "infer", id, plan, deadline_s: float | nil, tensors: [tensor, ...][, codec]}
     server -> device  {type: "result", id, outputs: [tensor, ...], edge_s, queue_s}
                       or {type: "error", id, error: {code, message}}
     device -> server  {type: "ping", id} -> {type: "pong", id}
@@ -18,6 +18,10 @@ the data little-endian and C-ordered; `pad` (0-15 bytes, ignored) makes `data` s
 aligned within the frame, so the receiver's arrays are aligned views of its receive buffer.
 `auth` is HMAC-SHA256(token, nonce | model | manifest_sha256) when the server has a token.
 `deadline_s` is the time the device still allows (relative: the two clocks are not shared).
+`codec` (absent: fp32) names how the plan's crossing tensors travel (`edgecut.codecs`); it must be
+the plan's. With a lossless stage ("int8+zstd") each tensor's `data` is the compressed stream of
+the array its dtype and shape describe; one that does not decompress to exactly that size is a
+`bad_tensor` error reply, and the connection stays up.
 
 Copies: the sender hands the kernel the frame header, the small msgpack pieces and memoryviews of
 the arrays in one `sendmsg` (no join); the receiver `recv_into`s an uninitialised buffer of the
@@ -38,6 +42,7 @@ import time
 import msgpack
 import numpy as np
 
+from edgecut import codecs
 from edgecut.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -68,7 +73,35 @@ class FrameTooLarge(ProtocolError):
 
 
 class TensorDict(dict):
-    """name -> np.ndarray; encoded as a list of tensor maps (see the module docstring)."""
+    """name -> np.ndarray (or Packed); encoded as a list of tensor maps (see the module docstring)."""
+
+
+class Packed:
+    """A tensor whose `data` went through a codec's lossless stage: `dtype` and `shape` of the
+    array it decompresses to, `nbytes` sent."""
+
+    __slots__ = ("dtype", "shape", "data")
+
+    def __init__(self, dtype: str, shape, data):
+        self.dtype, self.shape, self.data = dtype, tuple(shape), data
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes if isinstance(self.data, memoryview) else len(self.data)
+
+
+def pack_tensors(tensors: dict, codec: str) -> dict:
+    """`tensors` as the plan's codec sends them: through its lossless stage, if it has one."""
+    if not codecs.parse(codec).lossless:
+        return tensors
+    return {n: Packed(str(a.dtype), a.shape, codecs.pack(codec, a)) for n, a in tensors.items()}
+
+
+def unpack_tensors(tensors: dict, codec: str) -> dict:
+    """The arrays of `tensors` (Packed where the codec has a lossless stage). ProtocolError
+    when a stream does not decode to its header's size."""
+    return {n: codecs.unpack(codec, t.data, t.dtype, t.shape, n) if isinstance(t, Packed) else t
+            for n, t in tensors.items()}
 
 
 # --------------------------------------------------------------------------------------- encode
@@ -135,6 +168,13 @@ class _Encoder:
             self.raw(self.pack(v))
 
     def tensor(self, name: str, arr) -> None:
+        if isinstance(arr, Packed):
+            if arr.dtype not in DTYPES:
+                raise ProtocolError(f"tensor {name!r} has dtype {arr.dtype}, which the protocol does not carry")
+            self.raw(_tensor_head(self.pack, name, arr.dtype, arr.shape, arr.nbytes, self.size))
+            view = memoryview(arr.data).cast("B")
+            self.big(view) if view.nbytes >= _BIG else self.raw(view)
+            return
         arr = np.asarray(arr)
         dt = arr.dtype
         dtype = _NAMES.get(dt) or dt.name          # dtype.name costs 3 us; the table 0.05
@@ -460,8 +500,9 @@ def _utf8(chunk: memoryview) -> str:
         raise ProtocolError("msgpack string is not valid UTF-8") from None
 
 
-def decode_tensors(entries, what: str = "tensors") -> dict:
-    """[tensor map, ...] -> {name: np.ndarray}, arrays viewing the receive buffer. ProtocolError if bad."""
+def decode_tensors(entries, what: str = "tensors", packed: bool = False) -> dict:
+    """[tensor map, ...] -> {name: np.ndarray}, arrays viewing the receive buffer. ProtocolError if bad.
+    packed: the data went through a lossless stage; {name: Packed} (sizes checked by `unpack_tensors`)."""
     if not isinstance(entries, list):
         raise ProtocolError(f"{what} must be a list of tensor maps")
     out = {}
@@ -481,11 +522,11 @@ def decode_tensors(entries, what: str = "tensors") -> dict:
         for d in shape:
             want *= d
         got = len(data) if type(data) is bytes else data.nbytes
-        if want != got:
+        if want != got and not packed:
             raise ProtocolError(f"tensor {name!r}: shape {shape} of {dtype} needs {want} bytes, got {got}")
         if name in out:
             raise ProtocolError(f"tensor {name!r} appears twice")
-        out[name] = np.frombuffer(data, dtype=dt).reshape(shape)
+        out[name] = Packed(dtype, shape, data) if packed else np.frombuffer(data, dtype=dt).reshape(shape)
     return out
 
 
@@ -680,9 +721,11 @@ def welcome(model: str, manifest_sha256: str, edge_s: dict | None = None) -> dic
     return msg
 
 
-def infer(req_id: int, plan_id: str, tensors: dict, deadline_s: float | None) -> dict:
-    return {"type": "infer", "id": req_id, "plan": plan_id, "deadline_s": deadline_s,
-            "tensors": TensorDict(tensors)}
+def infer(req_id: int, plan_id: str, tensors: dict, deadline_s: float | None, codec: str = "fp32") -> dict:
+    msg = {"type": "infer", "id": req_id, "plan": plan_id, "deadline_s": deadline_s, "tensors": TensorDict(tensors)}
+    if codec != "fp32":
+        msg["codec"] = codec
+    return msg
 
 
 def result(req_id: int, outputs: dict, edge_s: float, queue_s: float) -> dict:

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 
 from edgecut.errors import ArtifactError, ProtocolError, UsageError
+from edgecut.codecs import parse as parse_codec
 from edgecut.planning import runnable_plans
 from edgecut.runtime import protocol as P
 from edgecut.runtime.calibration import ensure_calibration
@@ -342,8 +343,12 @@ class EdgeServer:
             return P.error(P.UNKNOWN_PLAN, f"plan {plan_id!r} is not one of this artifact's plans ({known})", rid)
         if plan.cut.device_only:
             return P.error(P.UNKNOWN_PLAN, f"plan {plan_id!r} runs on the device only; nothing to do here", rid)
+        codec, want = msg.get("codec", "fp32"), getattr(plan, "codec", "fp32")
+        if codec != want:
+            return P.error(P.BAD_TENSOR, f"plan {plan_id!r} sends its tensors as {want}, this frame says "
+                           f"{codec!r}: send the plan's codec", rid)
         try:
-            tensors = P.decode_tensors(msg.get("tensors"))
+            tensors = P.decode_tensors(msg.get("tensors"), packed=bool(parse_codec(codec).lossless))
         except ProtocolError as e:
             return P.error(P.BAD_TENSOR, str(e), rid)
         timeout = self.request_timeout
@@ -358,8 +363,14 @@ class EdgeServer:
     def _infer(self, m: ServedModel, rid: int, plan_id: str, tensors: dict, timeout: float, ch: P.Channel) -> dict:
         received = time.monotonic()
         try:
+            tensors = P.unpack_tensors(tensors, m.plans[plan_id].codec)   # the codec's lossless stage, if any
+        except ProtocolError as e:
+            return P.error(P.BAD_TENSOR, str(e), rid)
+        unpack_s = time.monotonic() - received
+        try:
             out, queue_s, edge_s, batch = m.executor.infer(plan_id, tensors, received, received + timeout,
                                                            ch.release_buffer)
+            edge_s += unpack_s
         except Busy as e:
             return P.error(P.BUSY, str(e), rid)
         except Expired:
