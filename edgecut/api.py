@@ -35,7 +35,7 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
             data=None, profile=None, objective: str = "accuracy", *, edge_profile=None, rtt=0.0,
             margin=0.0, epochs: int = 15, max_accuracy_loss: float = 0.01, num_exits: int = 5, codecs=("fp32",),
             allow_uncalibrated: bool = False, out_dir=None, backend: str = "tvm", name: str | None = None,
-            progress: bool = True) -> "Artifact":
+            progress: bool = True, edge_batches=()) -> "Artifact":
     """Compile `model` into a device/edge artifact that meets `deadline` with the best accuracy.
 
     target, edge: `Target` names (`edgecut.targets.known()`); profile / edge_profile: cost profiles
@@ -49,7 +49,8 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     95th-percentile error (ALERT). rtt: the link's round trip in seconds or "20ms". codecs: how
     crossing tensors may travel (`edgecut.codecs.known()`, e.g. ("fp32", "fp16", "int8+zstd")):
     beyond fp32 each becomes a plan dimension, its accuracy measured on `data` (a loss above
-    max_accuracy_loss drops it) and its bytes measured on it.
+    max_accuracy_loss drops it) and its bytes measured on it. edge_batches: more batch sizes
+    for the edge segments (e.g. (4, 8), for `edgecut serve --ray` batching).
     """
     from edgecut.codegen.artifact import build_artifact
     from edgecut.costmodel.profile import load_profile
@@ -102,7 +103,7 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     cands, info["codecs"] = _code(gm, cands, codecs, data, example_input, max_accuracy_loss)  # (exit, cut, codec)
     manifest = build_artifact(gm, table, device_t, edge_t, out, (example_input,), backend=backend,
                               model_name=name or type(model).__name__, progress=progress, info=info,
-                              candidates=cands)
+                              candidates=cands, edge_batches=edge_batches)
     manifest = _plan_as_built(gm, manifest, dev_prof, edge_prof, rtt, overhead, objective, margin, bool(caught))
     manifest.write(out)
     return Artifact(out, manifest, gm)

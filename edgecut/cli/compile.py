@@ -44,6 +44,8 @@ def register(sub) -> None:
     p.add_argument("--codecs", default="fp32", help="how crossing tensors may travel, comma-separated, e.g. "
                    "fp32,fp16,int8+zstd (needs --data; default fp32)")
     p.add_argument("--backend", choices=("tvm", "onnxruntime"), default="tvm", help="code generator (default tvm)")
+    p.add_argument("--edge-batches", default="", metavar="N,N",
+                   help="also compile the edge segments for these batch sizes, e.g. 4,8 (for `edgecut serve --ray` batching)")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--explain", metavar="PNG", help="also render the explain figure to PNG")
     p.set_defaults(func=run)
@@ -52,15 +54,22 @@ def register(sub) -> None:
 def run(args) -> int:
     import edgecut
     from edgecut.cli._common import load_model_and_input
+    from edgecut.errors import UsageError
 
     model, name, x = load_model_and_input(args.model, args.input)
     margin = args.margin if args.margin == "p95" else float(args.margin)
+    try:
+        batches = tuple(int(b) for b in args.edge_batches.split(",") if b.strip())
+    except ValueError:
+        raise UsageError(f"--edge-batches {args.edge_batches!r}: give batch sizes like 4,8") from None
+    if any(b < 1 for b in batches):
+        raise UsageError(f"--edge-batches {args.edge_batches!r}: batch sizes must be >= 1")
     art = edgecut.compile(model, x, target=args.target, edge=args.edge, deadline=args.deadline,
                           bandwidth=args.bandwidth, exits="auto" if args.data else None, data=args.data,
                           profile=args.profile, edge_profile=args.edge_profile, objective=args.objective,
                           rtt=args.rtt, margin=margin, epochs=args.epochs, num_exits=args.exits,
                           allow_uncalibrated=args.allow_uncalibrated, out_dir=args.output, backend=args.backend,
-                          name=name, codecs=tuple(c for c in args.codecs.split(",") if c))
+                          name=name, codecs=tuple(c for c in args.codecs.split(",") if c), edge_batches=batches)
     print(art.report())
     if args.explain:
         print(f"explain: {art.explain(args.explain)}")

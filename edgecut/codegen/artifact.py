@@ -179,7 +179,8 @@ def _tvm_segment(s, seg_gm, ins, want, mine, sides, out, libs, check, bar, toler
 def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", edge_target="local",
                    out_dir="build/model", example_inputs=(), *, backend: str = "tvm", onnx: bool = True,
                    model_name: str | None = None, tolerance: float = 1e-4, progress: bool = True,
-                   info: dict | None = None, candidates=(), chain: bool = False) -> Manifest:
+                   info: dict | None = None, candidates=(), chain: bool = False,
+                   edge_batches=()) -> Manifest:
     """Split `gm` at the cuts of `table`, compile each segment for its side(s), export ONNX copies,
     check them, and write the artifact directory `out_dir` (replaced if it exists).
 
@@ -187,7 +188,9 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
     copies (for models with ops TVM cannot import). `info` (msgpack-able) is stored as `manifest.info`.
     `candidates`: more plans to build routes for (`passes.candidates`); `manifest.candidates`
     lists every plan built (the table's, the fallback, these). `chain`: every cut a boundary of
-    every route (`segment.chain_split`: each node built once; for checking cuts). Raises CodegenError when a segment cannot be
+    every route (`segment.chain_split`: each node built once; for checking cuts). `edge_batches`:
+    more batch sizes to compile the edge segments for (codegen/batches.py; the edge tier batches
+    requests). Raises CodegenError when a segment cannot be
     compiled or disagrees with PyTorch by more than `tolerance` x the output's scale."""
     if backend not in BACKENDS:
         raise CodegenError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -305,6 +308,14 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
         warnings.warn("TVM could not build " + "; ".join(
             f"segment {name} ({e.op} at node {e.node!r}: {e.reason})" for name, e in fallbacks.items())
             + ": those segments run on ONNX Runtime (see the artifact's report())", CodegenWarning, stacklevel=2)
+    if edge_batches and backend == "tvm":
+        from edgecut.codegen.batches import build_edge_batches
+
+        edge_libs = {lib.segment: lib for lib in libraries if lib.side == "edge" and lib.backend == "tvm"}
+        more = build_edge_batches(gm, segments, edge_libs, example_inputs, edge_batches, sides["edge"], out,
+                                  stores["edge"], tolerance)
+        libraries += more
+        files += [f for lib in more for f in (lib.file, lib.params)]
     for side, store in stores.items():
         if any(lib.side == side and lib.weights for lib in libraries):   # even empty: libraries name it
             save_arrays(out / side / WEIGHTS, store)

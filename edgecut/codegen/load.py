@@ -97,10 +97,18 @@ class Part:
         self._segments = {s.name: s for s in m.segments}
         needed = self.segments_needed(m, side)
         files = self._files(needed)
+        batched = {}            # batch size -> segment -> (file, params, weights): the edge's batch-N code
+        if side == "edge" and backend == "tvm":
+            for n in m.batch_sizes("edge"):
+                libs = m.libraries_of("edge", "tvm", n)
+                batched[n] = {s: (libs[s].file, libs[s].params, libs[s].weights) for s in needed if s in libs}
         if verify:
-            verify_files(self.path, m, sorted({f for names in files.values() for f in names if f}))
+            verify_files(self.path, m, sorted({f for group in (files, *batched.values()) for names in group.values()
+                                               for f in names if f}))
         self._stores: dict = {}
         self._run = {name: self._open(name, *files[name]) for name in needed}
+        self._batched = {n: {name: self._open(name, *fs) for name, fs in group.items()}
+                         for n, group in batched.items()}
 
     @staticmethod
     def segments_needed(m: Manifest, side: str) -> list[str]:
@@ -193,6 +201,38 @@ class Part:
             logits = env[self.manifest.exit(route.exit).output]
             return RunResult(plan_id, True, {"logits": logits}, route.exit, time.perf_counter() - t0)
         return RunResult(plan_id, False, {c: env[c] for c in route.crossing}, route.exit, time.perf_counter() - t0)
+
+    def run_batch(self, plan_id: str, tensors: list) -> list:
+        """The edge side of plan `plan_id` for several requests (each a dict of batch-1 tensors),
+        one RunResult each. Runs them as one batch on the batch-N libraries (the smallest size
+        built that holds them, zero rows padding the rest; more than the largest: several
+        batches), or one after the other where the plan's edge segments have none."""
+        route = self.manifest.route(plan_id)
+        what = f"plan {plan_id!r} on the {self.side}"
+        if self.side != "edge" or route.device_only:
+            raise ArtifactError(f"{what}: run_batch runs edge parts only")
+        for t in tensors:
+            self._check_tensors(t, route.crossing, what)
+        sizes = [n for n in sorted(self._batched) if all(s in self._batched[n] for s in route.edge)]
+        results, i = [], 0
+        while i < len(tensors):
+            chunk = tensors[i:i + (sizes[-1] if sizes else 1)]
+            i += len(chunk)
+            if len(chunk) == 1:
+                results.append(self.run(plan_id, chunk[0]))
+                continue
+            t0, n = time.perf_counter(), next(n for n in sizes if n >= len(chunk))
+            env = {}
+            for c in route.crossing:
+                rows = np.concatenate([t[c] for t in chunk])
+                env[c] = np.concatenate([rows, np.zeros((n - len(chunk), *rows.shape[1:]), rows.dtype)])
+            for name in route.edge:
+                seg = self._segments[name]
+                env.update(zip(seg.outputs, self._batched[n][name]([env[k] for k in seg.inputs])))
+            logits, dt = env[self.manifest.exit(route.exit).output], time.perf_counter() - t0
+            results += [RunResult(plan_id, True, {"logits": np.ascontiguousarray(logits[j:j + 1])}, route.exit, dt)
+                        for j in range(len(chunk))]
+        return results
 
     def __repr__(self) -> str:
         return (f"Part({str(self.path)!r}, side={self.side!r}, backend={self.backend!r}, "

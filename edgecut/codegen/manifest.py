@@ -127,7 +127,8 @@ class Library:
     onnxruntime backend), `params` (weights file, "" for ONNX), the TVM target it was built for.
     `weights`: the side's shared weight store when `params` lists references into it
     ({"ref": sha256} entries; weights used by several libraries are stored once), else "".
-    `note`: why a segment runs on ONNX Runtime (backend requested, or what TVM could not do)."""
+    `note`: why a segment runs on ONNX Runtime (backend requested, or what TVM could not do).
+    `batch`: the batch size the library was compiled for (codegen/batches.py)."""
 
     side: str
     segment: str
@@ -139,6 +140,7 @@ class Library:
     arch: str
     weights: str = ""
     note: str = ""
+    batch: int = 1          # requests per run (edge_batches); 1 is every side's latency path
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -178,11 +180,15 @@ class Manifest:
             raise ArtifactError(f"unknown plan id {plan_id!r}; this artifact has "
                                 f"{', '.join(sorted(self.routes))}") from None
 
-    def libraries_of(self, side: str, backend: str | None = "tvm") -> dict:
-        """segment -> Library of `side` with `backend`; backend=None: each segment's library as
-        built (TVM, or ONNX Runtime where TVM could not build it)."""
-        return {lib.segment: lib for lib in self.libraries
-                if lib.side == side and (backend is None or lib.backend == backend)}
+    def libraries_of(self, side: str, backend: str | None = "tvm", batch: int = 1) -> dict:
+        """segment -> Library of `side` with `backend` compiled for `batch`; backend=None: each
+        segment's library as built (TVM, or ONNX Runtime where TVM could not build it)."""
+        return {lib.segment: lib for lib in self.libraries if lib.side == side and lib.batch == batch
+                and (backend is None or lib.backend == backend)}
+
+    def batch_sizes(self, side: str = "edge") -> tuple:
+        """The batch sizes above 1 that `side` has libraries for."""
+        return tuple(sorted({lib.batch for lib in self.libraries if lib.side == side and lib.batch > 1}))
 
     def exit(self, exit_id: int) -> ExitSpec:
         return next(e for e in self.exits if e.id == exit_id)

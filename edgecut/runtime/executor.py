@@ -119,3 +119,18 @@ def run_part(part, plan_id: str, tensors: dict) -> tuple[dict, float]:
     if not res.done:
         raise ArtifactError(f"edge part did not finish plan {plan_id!r}")
     return res.outputs, time.perf_counter() - started
+
+
+def run_batch(part, plan_id: str, tensors: list) -> tuple[list, float]:
+    """The edge part's outputs for several requests of one plan, and the seconds they took
+    together: one batched run where the part has `run_batch` (batch-N libraries), else one run
+    after the other. Raises ArtifactError if any request's tensors are refused."""
+    started = time.perf_counter()
+    batched = getattr(part, "run_batch", None)
+    if batched is not None and len(tensors) > 1:
+        results = batched(plan_id, tensors)
+    else:
+        results = [part.run(plan_id, t) for t in tensors]
+    if not all(r.done for r in results):
+        raise ArtifactError(f"edge part did not finish plan {plan_id!r}")
+    return [r.outputs for r in results], time.perf_counter() - started

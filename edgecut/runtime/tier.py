@@ -5,34 +5,39 @@ deploys one model as its own Serve application (`edgecut-<model>-<sha12>`, deplo
 with its own replica bounds: Serve places the replicas, scales them between `min_replicas` and
 `max_replicas` on the ongoing requests per replica, and restarts one that dies.
 
-The front calls a replica as a plain Ray actor (the replica actor's `handle_request`, with the
+The front (this module) calls a replica (runtime/replicas.py) as a plain Ray actor (the replica actor's `handle_request`, with the
 request metadata a Serve handle would send), not through a `DeploymentHandle`: measured here, a
 handle call costs ~4-7 ms at the median, an actor call ~1-2 ms. The replicas are found by name
-(`SERVE_REPLICA::<app>#edge#...`) every `refresh_s` and after any failure; each request goes to
-the replica with the fewest requests in flight from this front. This uses Serve internals pinned
-by `ray[serve]==2.60.0`; `route="handle"` uses the public DeploymentHandle instead. The median
-of an empty call at start (`overhead_s`) is added to the edge times the welcome sends, so a
-device plans with what the tier costs it; online correction sees the rest (queue_s).
+(`SERVE_REPLICA::<app>#edge#...`) every `refresh_s` and after any failure. This uses Serve
+internals pinned by `ray[serve]==2.60.0`; `route="handle"` uses the public DeploymentHandle
+instead. The median of an empty call at start (`overhead_s`) is added to the edge times the
+welcome sends, so a device plans with what the tier costs it; online correction sees the rest.
 
-Batching: a request that finds others in flight for its model, and whose remaining time leaves
-room for the batch wait plus a full batch, goes to the replica's `run_batched` (`@serve.batch`, up to `max_batch` requests from any devices,
-waiting at most `batch_wait_s`); any other request takes `run`, the batch-1 latency path. The
-artifacts are compiled at batch 1, so a batch is its requests run back to back in one replica
-call: it saves the front->replica hop per request, not compute. A replica that dies mid-request
-costs that request one retry on another replica if its deadline still leaves an edge run;
-otherwise it expires in time and the device answers from its local exit.
+Batching happens in the front, so a batch costs one Ray call, not one per request: connection
+threads queue their requests; one dispatcher thread per model takes, whenever a replica has a
+free slot (`per_replica` calls in flight: one computing, one on its way), the oldest request and
+up to `max_batch - 1` more of the same plan, and sends them in one call to the replica's
+`run_many`, which runs them as one batch (`executor.run_batch`: the part's batch-N libraries
+when it has them). Alone, a request goes at once (batch 1, the latency path); when other calls
+are in flight a short batch waits for company at most `batch_wait_s`, and never past what its
+oldest request's deadline leaves. A request waits in the front, not in a replica, so it can
+expire there without costing compute: one that cannot finish in time even at one edge run per
+queued batch round is answered `timeout` at admission, and one left with less time than a call
+takes is answered at dispatch, so the device has the rest of its deadline for its local exit. A replica that dies mid-call costs each of its requests
+one retry on another replica if its deadline still leaves an edge run; otherwise it expires in
+time and the device answers from its local exit.
 """
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 import threading
 import time
-import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from edgecut.errors import ArtifactError, UsageError
-from edgecut.runtime.executor import Busy, Expired, run_part
+from edgecut.runtime.executor import Busy, Expired
 
 log = logging.getLogger("edgecut.runtime.tier")
 
@@ -42,21 +47,10 @@ _ENV = {"RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE": "0",
         "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
 os.environ.update(_ENV)
 
-try:
-    import ray
-    from ray import serve
-except ImportError:  # pragma: no cover - the message says what to do
-    ray = serve = None
+from edgecut.runtime.replicas import _QUIET, EdgeReplica, ReplicaSet, _metadata, ray, serve  # noqa: E402
 
-
-
-class _NoReplica(Exception):
-    """No replica of the model is up right now (all restarting)."""
-
-
-_FAILED = (_NoReplica,) + ((ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                            ray.exceptions.WorkerCrashedError) if ray is not None else ())
-_QUIET = {"enable_access_log": False, "log_level": "WARNING"}
+_FAILED = ((ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+            ray.exceptions.WorkerCrashedError) if ray is not None else ())
 
 
 def _need_ray() -> None:
@@ -75,49 +69,27 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
               runtime_env={"env_vars": dict(_ENV)})
     if address:
         ray.init(address=address, **kw)
-    else:
+    else:   # Ray runs its workers at nice 15; replicas are the serving work here, not background
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=num_cpus, **kw)
     serve.start(logging_config=_QUIET)
 
 
-if serve is not None:
-    @serve.deployment(name="edge", logging_config=_QUIET)
-    class EdgeReplica:
-        """One replica of a model's edge part. `artifact`: a path (loaded here, so a replica on
-        another machine needs the artifact at the same path) or a picklable part."""
+class _Request:
+    """One admitted request on its way through the front's queue to a replica."""
 
-        def __init__(self, artifact, backend: str = "tvm", max_batch: int = 8, batch_wait_s: float = 0.002):
-            if isinstance(artifact, (str, os.PathLike)):
-                from edgecut.codegen.load import load
-                artifact = load(artifact, side="edge", backend=backend)
-            self.part = artifact
-            self.run_batched.set_max_batch_size(max_batch)
-            self.run_batched.set_batch_wait_timeout_s(batch_wait_s)
+    __slots__ = ("plan", "tensors", "expiry", "done", "reply", "gone", "tries", "avoid")
 
-        def run(self, plan_id: str, tensors: dict, budget_s: float):
-            return _run_one(self.part, plan_id, tensors, time.monotonic() + budget_s, 1)
+    def __init__(self, plan: str, tensors: dict, expiry: float):
+        self.plan, self.tensors, self.expiry = plan, tensors, expiry
+        self.done, self.reply, self.gone, self.tries, self.avoid = threading.Event(), None, False, 0, None
 
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-        async def run_batched(self, plan_ids, tensors, budgets):
-            now, n = time.monotonic(), len(plan_ids)
-            return [_run_one(self.part, p, t, now + b, n) for p, t, b in zip(plan_ids, tensors, budgets)]
-
-        def pid(self) -> int:
-            return os.getpid()
+    def finish(self, reply) -> None:
+        self.reply = reply
+        self.done.set()
 
 
-def _run_one(part, plan_id: str, tensors: dict, expiry: float, batch: int):
-    """('ok', outputs, edge seconds, batch size), ('expired',) or ('bad', message)."""
-    if time.monotonic() >= expiry:
-        return ("expired",)
-    try:
-        out, seconds = run_part(part, plan_id, tensors)
-    except ArtifactError as e:
-        return ("bad", str(e))
-    return ("ok", out, seconds, batch)
-
-
-class RayExecutor:
+class RayExecutor(ReplicaSet):
     """Run one model's edge part on the Ray cluster (see the module docstring). `artifact` is
     what `EdgeReplica` loads; `part` the front's own copy (model name and hash, plans)."""
 
@@ -126,230 +98,220 @@ class RayExecutor:
     def __init__(self, part, artifact=None, *, min_replicas: int = 1, max_replicas: int = 2, max_batch: int = 8,
                  batch_wait_s: float = 0.002, batching: bool = True, max_queue: int = 256, backend: str = "tvm",
                  replica_cpus: float = 1.0, route: str = "direct", refresh_s: float = 1.0,
-                 target_ongoing: float | None = None):
+                 target_ongoing: float | None = None, per_replica: int = 2, hang_s: float = 2.0):
         _need_ray()
         from edgecut.runtime import protocol as P
         if not 1 <= min_replicas <= max_replicas:
             raise UsageError(f"replica bounds {min_replicas}:{max_replicas}: need 1 <= MIN <= MAX")
         model, sha = P.manifest_identity(part)
         self.app = f"edgecut-{model}-{sha[:12]}"
-        self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
-        self.batching = batching and max_batch > 1
-        self.per_replica = max_batch if self.batching else 2
-        self.max_queue, self.route, self.refresh_s = max_queue, route, refresh_s
-        self.max_replicas = max_replicas
-        self._est_s = 0.005         # running estimate of one edge run, for the batch decision
+        self.max_batch = max_batch if batching else 1
+        self.batch_wait_s = batch_wait_s
+        self.max_queue, self.route = max_queue, route
+        self.max_replicas, self.hang_s = max_replicas, hang_s
+        self._calls_s = deque([0.01], maxlen=31)     # the last calls' round trips as a call thread saw them
         app = EdgeReplica.options(
-            max_ongoing_requests=max(2 * max_batch, 8),
+            max_ongoing_requests=max(4 * per_replica, 8),
             ray_actor_options={"num_cpus": replica_cpus},
             autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
                                 "initial_replicas": min_replicas,
-                                "target_ongoing_requests": target_ongoing or max(1.0, self.per_replica / 2),
+                                "target_ongoing_requests": target_ongoing or max(1.0, per_replica / 2),
                                 "upscale_delay_s": 2.0, "downscale_delay_s": 30.0, "metrics_interval_s": 0.5,
                                 "look_back_period_s": 2.0},
-        ).bind(artifact if artifact is not None else part, backend, max_batch, batch_wait_s)
+        ).bind(artifact if artifact is not None else part, backend)
         self.handle = serve.run(app, name=self.app, route_prefix=None)
-        self._lock = threading.Lock()
-        self._free = threading.Condition(self._lock)     # a replica's slot freed
-        self._refreshing = threading.Lock()
+        ReplicaSet.__init__(self, self.app, per_replica, refresh_s)
+        self._queue: deque[_Request] = deque()
         self._pending = 0
-        self._inflight: dict[str, int] = {}
-        self._actors: dict[str, object] = {}
-        self._probes: dict[str, tuple] = {}
-        self._probe_after: dict[str, float] = {}
-        self._orphans: list = []
-        self._refreshed = 0.0
         end = time.monotonic() + 60
         while len(self._actors) < min_replicas and time.monotonic() < end:
             self._refresh(force=True)
             time.sleep(0.02)
         self.overhead_s = self._hop()
+        self._calls = ThreadPoolExecutor(max_replicas * per_replica + 1, thread_name_prefix="edgecut-tier-call")
+        self._refresher = threading.Thread(target=self._refresh_loop, name=f"edgecut-tier-list-{model}", daemon=True)
+        self._refresher.start()
+        self._dispatcher = threading.Thread(target=self._dispatch, name=f"edgecut-tier-{model}", daemon=True)
+        self._dispatcher.start()
 
-    def _hop(self, n: int = 21) -> float:
-        """Median seconds of an empty call to a replica: what the tier adds to each edge time."""
-        ts = []
-        for _ in range(n):
-            name, actor = self._pick(None, time.monotonic() + 10)
-            if actor is None:
-                return 0.0
-            t = time.perf_counter()
-            try:
-                ray.get(actor.handle_request.remote(_metadata(self.app, "pid")), timeout=10)
-            except Exception:
-                return 0.0
-            finally:
-                self._release(name)
-            ts.append(time.perf_counter() - t)
-        return sorted(ts)[n // 2]
-
-    # ------------------------------------------------------------------------------ replicas
     @property
     def pending(self) -> int:
         return self._pending
-
-    def replica_names(self) -> list[str]:
-        prefix = f"SERVE_REPLICA::{self.app}#edge#"
-        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                      if a.get("namespace") == "serve" and a["name"].startswith(prefix))
-
-    def _refresh(self, force: bool = False) -> None:
-        """Re-list the replicas. A new one is used once it has answered a probe: Serve names a
-        replica's actor before the replica is initialised, and it refuses requests until then."""
-        if not force and time.monotonic() - self._refreshed < self.refresh_s:
-            return
-        if not self._refreshing.acquire(blocking=False):
-            return                      # another thread is at it
-        try:
-            self._relist()
-        finally:
-            self._refreshing.release()
-
-    def _relist(self) -> None:
-        self._refreshed = now = time.monotonic()
-        names = set(self.replica_names())
-        with self._lock:
-            actors = {n: a for n, a in self._actors.items() if n in names}
-            probes = {n: p for n, p in self._probes.items() if n in names}
-        self._orphans += [p[1] for n, p in self._probes.items() if n not in names]
-        if self._orphans:               # probes of replicas gone since: read their errors, drop them
-            done, self._orphans = ray.wait(self._orphans, num_returns=len(self._orphans), timeout=0)
-            for ref in done:
-                try:
-                    ray.get(ref)
-                except Exception:
-                    pass
-        self._probe_after = {n: t for n, t in self._probe_after.items() if n in names}
-        for n in names - set(actors) - set(probes):
-            if self._probe_after.get(n, 0.0) > now:
-                continue
-            try:
-                actor = ray.get_actor(n, namespace="serve")
-            except ValueError:          # gone between the listing and the lookup
-                continue
-            probes[n] = (actor, actor.handle_request.remote(_metadata(self.app, "pid")))
-        if probes:
-            ready, _ = ray.wait([p for _, p in probes.values()], num_returns=len(probes), timeout=0)
-            for n, (actor, ref) in list(probes.items()):
-                if ref in ready:
-                    del probes[n]
-                    try:
-                        ray.get(ref)
-                        actors[n] = actor
-                    except Exception:   # not initialised yet (or dying): probe again shortly
-                        self._probe_after[n] = now + 0.2
-        with self._lock:
-            self._actors, self._probes = actors, probes
-            self._inflight = {n: self._inflight.get(n, 0) for n in actors}
-            self._free.notify_all()
-
-    def _pick(self, avoid: str | None, expiry: float):
-        """The replica with the fewest of this front's requests in flight, below `per_replica`
-        (max_batch when batching, else 2: one computing, one on its way). When all are full the
-        request waits here, in the front, where it can expire without costing a replica any
-        compute: a replica never works on a request that is already late."""
-        while True:
-            self._refresh()
-            with self._free:
-                names = [n for n in self._actors if n != avoid] or list(self._actors)
-                if not names:
-                    return None, None
-                free = [n for n in names if self._inflight.get(n, 0) < self.per_replica]
-                if free:
-                    name = min(free, key=lambda n: self._inflight.get(n, 0))
-                    self._inflight[name] = self._inflight.get(name, 0) + 1
-                    return name, self._actors[name]
-                wait = expiry - time.monotonic() - self._est_s
-                if wait <= 0:
-                    raise Expired()
-                self._free.wait(min(wait, self.refresh_s))
-
-    def _release(self, name: str) -> None:
-        with self._free:
-            if name in self._inflight:
-                self._inflight[name] -= 1
-                self._free.notify()
 
     # ------------------------------------------------------------------------------ requests
     def infer(self, plan_id: str, tensors: dict, received: float, expiry: float, abandon=None):
         with self._lock:
             if self._pending >= self.max_queue:
                 raise Busy(f"edge tier queue is full ({self.max_queue} requests in flight); retry or run locally")
+            if self._late(expiry):
+                raise Expired()         # answered at once: the device has its whole deadline for its exit
             self._pending += 1
+            req = _Request(plan_id, tensors, expiry)
+            slot = None if self._queue else self._idle_slot()
+            if slot is None:
+                self._queue.append(req)
+                self._free.notify_all()
+        if slot is not None:            # nothing queued, a replica free: call it from this thread
+            self._send(*slot, [req])
         try:
-            return self._infer(plan_id, tensors, received, expiry)
+            if not req.done.wait(max(0.0, expiry - time.monotonic())):
+                req.gone = True         # the dispatcher drops it; a call holding it ignores it
+                raise Expired()
         finally:
             with self._lock:
                 self._pending -= 1
-
-    def _infer(self, plan_id: str, tensors: dict, received: float, expiry: float):
-        avoid, tries = None, 0
-        while True:
-            started = time.monotonic()
-            left = expiry - started
-            if left <= 0:
-                raise Expired()
-            batched = (self.batching and self._pending > 1      # alone: the batch-1 latency path
-                       and left > self.batch_wait_s + (self.max_batch + 1) * self._est_s)
-            try:
-                reply = self._call(plan_id, tensors, left, batched, avoid)
-            except _NoReplica:          # all restarting: give Serve a moment, while the deadline allows
-                time.sleep(max(0.0, min(0.05, expiry - time.monotonic() - self._est_s)))
-                self._refresh(force=True)
-                continue
-            except _FAILED as e:
-                tries += 1
-                self._refresh(force=True)
-                left = expiry - time.monotonic()
-                if tries > 1 or left < 2 * self._est_s:
-                    log.info("%s: replica failed (%s); %s", self.app, type(e).__name__,
-                                "no time left for a retry" if tries == 1 else "retry failed too")
-                    raise Expired() from None     # answered now: the device runs its local exit
-                avoid = getattr(e, "_edgecut_replica", None)
-                continue
-            if reply[0] == "expired":
-                raise Expired()
-            if reply[0] == "bad":
-                raise ArtifactError(reply[1])
+        reply = req.reply
+        if reply[0] == "ok":
             _, out, edge_s, batch = reply
-            self._est_s = 0.9 * self._est_s + 0.1 * edge_s
-            return out, max(0.0, time.monotonic() - started - edge_s), edge_s, batch
+            return out, max(0.0, time.monotonic() - received - edge_s), edge_s, batch
+        if reply[0] == "bad":
+            raise ArtifactError(reply[1])
+        raise Expired()
 
-    def _call(self, plan_id, tensors, left: float, batched: bool, avoid):
-        method = "run_batched" if batched else "run"
-        budget = left - (self.batch_wait_s if batched else 0.0)
-        if self.route == "handle":
-            resp = getattr(self.handle, method).remote(plan_id, tensors, budget)
+    def _late(self, expiry: float) -> bool:
+        """(With self._lock held) whether a request queued now cannot finish by `expiry` even at
+        the least it could take: the queued batches ahead of it spread over the replicas, each
+        at least one edge run. A lower bound, so an idle queue never refuses anything."""
+        if not self._actors:
+            return False
+        rounds = len(self._queue) // self.max_batch // len(self._actors) + 1
+        return time.monotonic() + rounds * self._est_s > expiry
+
+    def _dispatch(self) -> None:
+        """The dispatcher thread: batches from the queue, one Ray call each (module docstring)."""
+        while not self._closed:
+            with self._free:
+                while not self._closed and not self._live_head():
+                    self._free.wait(0.5)
+                if self._closed:
+                    return
+                head = self._queue[0]
             try:
-                return resp.result(timeout_s=left)
+                name, actor = self._pick(head.avoid, head.expiry)
+            except Expired:             # no slot in time for the head: answered now, not at its deadline
+                with self._free:
+                    if self._queue and self._queue[0] is head:
+                        self._queue.popleft()
+                head.finish(("expired",))
+                continue
+            if actor is None:           # all restarting: give Serve a moment
+                time.sleep(0.05)
+                self._refresh(force=True)
+                continue
+            batch = self._take(head.plan)
+            if not batch:
+                self._release(name)
+                continue
+            self._calls.submit(self._send, name, actor, batch)
+
+    def _call_s(self) -> float:       # with self._lock held
+        """The median of the last calls' round trips (a median: one call slowed by a replica's
+        death must not make the dispatcher answer every request `timeout` for a while)."""
+        return sorted(self._calls_s)[len(self._calls_s) // 2]
+
+    def _live_head(self) -> bool:       # with self._lock held: drop expired requests at the head
+        while self._queue and (self._queue[0].gone or self._queue[0].expiry <= time.monotonic()):
+            self._queue.popleft()
+        return bool(self._queue)
+
+    def _take(self, plan: str) -> list:
+        """Up to max_batch live requests of `plan`, oldest first. A short batch waits for more
+        only while other calls are in flight, at most batch_wait_s, never past its deadline."""
+        with self._free:
+            if self.max_batch > 1 and sum(self._inflight.values()) > 1:
+                wait_end = time.monotonic() + self.batch_wait_s
+                while len(self._queue) < self.max_batch:
+                    live = [r.expiry for r in self._queue if not r.gone]
+                    left = min(wait_end, min(live, default=0.0) - 2 * self._est_s) - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._free.wait(left)
+            # A request with less time left than a call takes is answered now (no replica time
+            # spent on it), unless nothing else is in flight: then it goes, and the estimate learns.
+            need = self._call_s() if sum(self._inflight.values()) > 1 else self._est_s
+            batch, keep, now = [], deque(), time.monotonic()
+            while self._queue:
+                r = self._queue.popleft()
+                if r.gone or r.expiry <= now:
+                    continue
+                if r.expiry - now < need:
+                    r.finish(("expired",))
+                    continue
+                (batch if r.plan == plan and len(batch) < self.max_batch else keep).append(r)
+            self._queue = keep
+            return batch
+
+    def _send(self, name: str, actor, batch: list) -> None:
+        """A call thread: one replica call for `batch`; each request finished, or re-queued once
+        at the front of the queue when the replica died and its deadline leaves another run."""
+        failed, t0 = False, time.monotonic()
+        try:
+            replies = self._call(actor, batch)
+        except Expired:
+            replies = [("expired",)] * len(batch)
+        except _FAILED as e:
+            failed = True
+            log.info("%s: replica failed (%s) with %d request(s)", self.app, type(e).__name__, len(batch))
+            replies = None
+        except Exception as e:  # a bug must cost this batch, not the dispatcher
+            log.error("%s: replica call failed", self.app, exc_info=e)
+            replies = [("bad", f"{type(e).__name__}: {e}")] * len(batch)
+        finally:
+            self._release(name)
+        if failed:                      # not used again until a re-listing finds it and it answers a probe
+            with self._lock:
+                self._actors.pop(name, None)
+                self._inflight.pop(name, None)
+            self._refresh(force=True)
+            now, retry = time.monotonic(), []
+            for r in batch:
+                if r.tries == 0 and r.expiry - now >= 2 * self._est_s and not r.gone:
+                    r.tries, r.avoid = 1, name
+                    retry.append(r)
+                else:
+                    r.finish(("expired",))      # answered now: the device runs its local exit
+            with self._free:
+                self._queue.extendleft(reversed(retry))
+                self._free.notify_all()
+            return
+        for r, reply in zip(batch, replies):
+            r.finish(reply)
+        edge = [rep[2] for rep in replies if rep[0] == "ok"]
+        if edge:
+            self._est_s = 0.9 * self._est_s + 0.1 * edge[0]
+            with self._lock:
+                self._calls_s.append(time.monotonic() - t0)
+
+    def _call(self, actor, batch: list):
+        plan, now = batch[0].plan, time.monotonic()
+        budgets = [r.expiry - now for r in batch]
+        left = max(budgets)
+        if left <= 0:
+            raise Expired()
+        args = (plan, [r.tensors for r in batch], budgets)
+        if self.route == "handle":
+            resp = self.handle.run_many.remote(*args)
+            try:
+                return resp.result(timeout_s=left + self.hang_s)
             except TimeoutError:
                 resp.cancel()
                 raise Expired() from None
-        name, actor = self._pick(avoid, time.monotonic() + left)
-        if actor is None:
-            raise _NoReplica()
-        try:
-            ref = actor.handle_request.remote(_metadata(self.app, method), plan_id, tensors, budget)
-            try:
-                return ray.get(ref, timeout=left)
-            except ray.exceptions.GetTimeoutError:
-                ray.cancel(ref)
-                raise Expired() from None
-        except _FAILED as e:
-            e._edgecut_replica = name
-            raise
-        finally:
-            self._release(name)
+        ref = actor.handle_request.remote(_metadata(self.app, "run_many"), *args)
+        try:   # past the deadlines too: the replica still computes, and its slot stays taken till then
+            return ray.get(ref, timeout=left + self.hang_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref)
+            raise Expired() from None
 
     def close(self) -> None:
+        with self._free:
+            self._closed = True
+            self._free.notify_all()
+        self._refresh_now.set()
+        self._dispatcher.join(5)
+        self._refresher.join(5)
+        self._calls.shutdown(wait=False, cancel_futures=True)
         try:
             serve.delete(self.app)
         except Exception as e:  # the cluster may already be gone
             log.warning("could not delete %s: %s", self.app, e)
-
-
-def _metadata(app: str, method: str) -> bytes:
-    from ray.serve._private.common import RequestMetadata
-
-    rid = uuid.uuid4().hex
-    return pickle.dumps(RequestMetadata(request_id=rid, internal_request_id=rid, call_method=method,
-                                        app_name=app))

@@ -19,10 +19,10 @@ from edgecut.runtime import protocol as P  # noqa: E402
 from edgecut.runtime.server import EdgeServer  # noqa: E402
 
 
-def build_exit_artifact(out):
+def build_exit_artifact(out, **kw):
     """tiny_chain with an exit after pool1, built through TVM: e0/device (exit 0, accuracy 0.6,
     all on the device), e1/mid (cut after conv2) and e1/input (everything on the edge), both
-    exit 1 (accuracy 0.9). Returns (path, input array)."""
+    exit 1 (accuracy 0.9). `kw`: more build_artifact options. Returns (path, input array)."""
     from dataclasses import replace
 
     import torch
@@ -50,7 +50,7 @@ def build_exit_artifact(out):
     plans = tuple(Plan(e, replace(c, crossing_bytes=sum(int(nodes[n].meta[meta.OUT_BYTES]) for n in c.crossing)),
                        0.001, 0.0, 0.001 if c.crossing else 0.0, acc[e]) for e, c in cuts)
     build_artifact(gm, PlanTable((0.0, 1e6, 1e8), plans, 0.05), "local", "local", out, (x,), onnx=False,
-                   progress=False)
+                   progress=False, **kw)
     return Path(out), x.numpy()
 
 
