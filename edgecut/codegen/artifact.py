@@ -29,7 +29,6 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from edgecut import targets as _targets
-from edgecut.codegen.build import build
 from edgecut.codegen.codec_ops import add_coded_values, output_error, reference_outputs
 from edgecut.codegen.importer import ImportFailed, import_segment
 from edgecut.codegen.parallel import BuildFailed, Builds, build_one, jobs_for
