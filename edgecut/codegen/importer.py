@@ -110,8 +110,21 @@ def _batch_stats_norm(importer, x, args, eps: float):
     return y
 
 
-# converters that replace TVM's for ATen ops it gets wrong
-_EXPORT_CONVERTERS = {"batch_norm.default": _aten_batch_norm}
+def _aten_to_device(node: fx.Node, importer):
+    """aten.to.device(x, device, dtype, ...): compiled code has one device, so only the dtype
+    matters (TVM 0.27 has no converter; timm's EdgeNeXt writes `.to(x.device, dtype)`)."""
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    dtype = node.args[2] if len(node.args) > 2 else node.kwargs.get("dtype")
+    if dtype is None:
+        return x
+    want = str(dtype).replace("torch.", "")
+    return x if want == x.ty.dtype.dtype else importer.block_builder.emit(relax.op.astype(x, want))
+
+
+# converters that replace TVM's for ATen ops it gets wrong, or add ones it lacks
+_EXPORT_CONVERTERS = {"batch_norm.default": _aten_batch_norm, "to.device": _aten_to_device}
 
 
 def _importer():
@@ -173,7 +186,7 @@ def export_segment_program(gm: fx.GraphModule, example_args):
     from torch.export import default_decompositions
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-    convert = ExportedProgramImporter().convert_map
+    convert = {**ExportedProgramImporter().convert_map, **_EXPORT_CONVERTERS}   # what we convert too
     with torch.no_grad():
         ep = torch.export.export(gm, tuple(example_args), strict=False)
     table_all = default_decompositions()

@@ -139,3 +139,35 @@ def test_weight_standardization_compiles_with_tvm(tmp_path):
     res = check_cuts(gm, x, [mid], out_dir=tmp_path)
     assert not res.fallbacks, res.fallbacks
     assert res.ok, (res.errors, res.failures)
+
+
+class _ToDevice(nn.Module):
+    """`.to(x.device, dtype)` (timm's EdgeNeXt): aten.to.device, which TVM 0.27 has no converter for."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return (y + torch.ones(1, 4, 1, 1).to(x.device, torch.float32)).mean((2, 3))
+
+
+def test_to_device_compiles_with_tvm():
+    import numpy as np
+
+    from edgecut.codegen.build import build
+    from edgecut.codegen.importer import import_segment
+
+    torch.manual_seed(0)
+    model, x = _ToDevice().eval(), torch.randn(1, 3, 8, 8)
+    gm = torch.fx.symbolic_trace(model)       # keeps the .to(device, dtype) call as it is
+    assert any(n.target == "to" for n in gm.graph.nodes)
+    mod, params = import_segment(gm, [((1, 3, 8, 8), "float32")], example_inputs=[x.numpy()])
+    built = build(mod, params, "local")
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x.numpy()), *[tvm.runtime.tensor(p) for p in built.params]).numpy()
+    np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
