@@ -123,8 +123,25 @@ def _aten_to_device(node: fx.Node, importer):
     return x if want == x.ty.dtype.dtype else importer.block_builder.emit(relax.op.astype(x, want))
 
 
+def _aten_floor_divide(node: fx.Node, importer):
+    """floor_divide(x, y) with a Python number on either side taking the tensor's dtype: TVM 0.27
+    makes `x // 2` of a float tensor int32 on the right and refuses it (timm's XCiT and EdgeNeXt
+    positional encodings: `dim_t // 2` of a float arange)."""
+    from tvm import relax
+
+    def operand(a, like):
+        if isinstance(a, fx.Node):
+            return importer.env[a]
+        return relax.const(a, like.ty.dtype.dtype)
+
+    a, b = node.args[:2]
+    tensor = importer.env[a] if isinstance(a, fx.Node) else importer.env[b]
+    return importer.block_builder.emit(relax.op.floor_divide(operand(a, tensor), operand(b, tensor)))
+
+
 # converters that replace TVM's for ATen ops it gets wrong, or add ones it lacks
-_EXPORT_CONVERTERS = {"batch_norm.default": _aten_batch_norm, "to.device": _aten_to_device}
+_EXPORT_CONVERTERS = {"batch_norm.default": _aten_batch_norm, "to.device": _aten_to_device,
+                      "floor_divide.default": _aten_floor_divide}
 
 
 def _importer():

@@ -142,7 +142,8 @@ def test_weight_standardization_compiles_with_tvm(tmp_path):
 
 
 class _ToDevice(nn.Module):
-    """`.to(x.device, dtype)` (timm's EdgeNeXt): aten.to.device, which TVM 0.27 has no converter for."""
+    """`.to(x.device, dtype)` and `float_tensor // 2` (timm's EdgeNeXt, XCiT): aten.to.device, which
+    TVM 0.27 has no converter for, and floor_divide, whose constant it makes int32."""
 
     def __init__(self):
         super().__init__()
@@ -150,10 +151,12 @@ class _ToDevice(nn.Module):
 
     def forward(self, x):
         y = torch.relu(self.conv(x))
-        return (y + torch.ones(1, 4, 1, 1).to(x.device, torch.float32)).mean((2, 3))
+        dim_t = torch.arange(4, dtype=torch.float32).reshape(1, 4, 1, 1)
+        scale = 2.0 ** (2 * (dim_t // 2) / 4)            # XCiT's positional encoding: float // int
+        return (y * scale + torch.ones(1, 4, 1, 1).to(x.device, torch.float32)).mean((2, 3))
 
 
-def test_to_device_compiles_with_tvm():
+def test_to_device_and_float_floor_divide_compile_with_tvm():
     import numpy as np
 
     from edgecut.codegen.build import build
