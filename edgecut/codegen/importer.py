@@ -136,12 +136,17 @@ def _aten_floor_divide(node: fx.Node, importer):
 
     a, b = node.args[:2]
     tensor = importer.env[a] if isinstance(a, fx.Node) else importer.env[b]
-    return importer.block_builder.emit(relax.op.floor_divide(operand(a, tensor), operand(b, tensor)))
+    x, y = operand(a, tensor), operand(b, tensor)
+    mode = node.kwargs.get("rounding_mode", "floor") if "Tensor_mode" in str(node.target) else "floor"
+    if mode == "floor":
+        return importer.block_builder.emit(relax.op.floor_divide(x, y))
+    q = importer.block_builder.emit(relax.op.divide(x, y))
+    return q if mode is None else importer.block_builder.emit(relax.op.trunc(q))
 
 
 # converters that replace TVM's for ATen ops it gets wrong, or add ones it lacks
 _EXPORT_CONVERTERS = {"batch_norm.default": _aten_batch_norm, "to.device": _aten_to_device,
-                      "floor_divide.default": _aten_floor_divide}
+                      "floor_divide.default": _aten_floor_divide, "div.Tensor_mode": _aten_floor_divide}
 
 
 def _importer():

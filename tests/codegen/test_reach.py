@@ -152,7 +152,8 @@ class _ToDevice(nn.Module):
     def forward(self, x):
         y = torch.relu(self.conv(x))
         dim_t = torch.arange(4, dtype=torch.float32).reshape(1, 4, 1, 1)
-        scale = 2.0 ** (2 * (dim_t // 2) / 4)            # XCiT's positional encoding: float // int
+        scale = 2.0 ** (2 * (dim_t // 2) / 4) + torch.div(dim_t, 2, rounding_mode="floor")   # XCiT's
+        scale = scale + torch.div(dim_t, 3, rounding_mode="trunc")         # positional encoding
         return (y * scale + torch.ones(1, 4, 1, 1).to(x.device, torch.float32)).mean((2, 3))
 
 
