@@ -123,10 +123,10 @@ def _aten_to_device(node: fx.Node, importer):
     return x if want == x.ty.dtype.dtype else importer.block_builder.emit(relax.op.astype(x, want))
 
 
-def _aten_floor_divide(node: fx.Node, importer):
-    """floor_divide(x, y) with a Python number on either side taking the tensor's dtype: TVM 0.27
-    makes `x // 2` of a float tensor int32 on the right and refuses it (timm's XCiT and EdgeNeXt
-    positional encodings: `dim_t // 2` of a float arange)."""
+def _aten_rounded_divide(node: fx.Node, importer):
+    """floor_divide(x, y) and div(x, y, rounding_mode=...) with a Python number on either side
+    taking the tensor's dtype: TVM 0.27 makes `x // 2` of a float tensor int32 on the right and
+    refuses it (timm's XCiT and EdgeNeXt positional encodings: `dim_t // 2` of a float arange)."""
     from tvm import relax
 
     def operand(a, like):
@@ -146,7 +146,7 @@ def _aten_floor_divide(node: fx.Node, importer):
 
 # converters that replace TVM's for ATen ops it gets wrong, or add ones it lacks
 _EXPORT_CONVERTERS = {"batch_norm.default": _aten_batch_norm, "to.device": _aten_to_device,
-                      "floor_divide.default": _aten_floor_divide, "div.Tensor_mode": _aten_floor_divide}
+                      "floor_divide.default": _aten_rounded_divide, "div.Tensor_mode": _aten_rounded_divide}
 
 
 def _importer():

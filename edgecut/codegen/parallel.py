@@ -33,11 +33,8 @@ MAX_JOBS = 4
 
 
 class BuildFailed(Exception):
-    """A (segment, target) build failed: `kind` is "import" (then `op`, `node` say where) or "build"."""
-
-    def __init__(self, kind: str, message: str, op: str = "", node: str = ""):
-        super().__init__(message)
-        self.kind, self.op, self.node = kind, op, node
+    """A (segment, target) build failed (segments are imported by the caller, whose ImportFailed
+    says where); the message says why."""
 
 
 def jobs_for(macs: float, builds: int) -> int:
@@ -64,7 +61,7 @@ def build_one(imported, num_inputs: int, target, lib_path) -> list:
         built = build(*imported, target, num_inputs=num_inputs)
         export_library(built, str(lib_path), target)
     except Exception as e:  # noqa: BLE001 - the segment falls back (or the build stops)
-        raise BuildFailed("build", f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:300]}") from e
+        raise BuildFailed(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:300]}") from e
     return built.params
 
 
@@ -134,12 +131,12 @@ class Builds:
                 _send(proc.stdin, request)
                 status, value = _recv(proc.stdout)
             except (OSError, EOFError) as e:
-                fut.set_exception(BuildFailed("build", f"the build worker died ({e}); rerun with {JOBS_ENV}=1"))
+                fut.set_exception(BuildFailed(f"the build worker died ({e}); rerun with {JOBS_ENV}=1"))
                 return
             if status == "ok":
                 fut.set_result(value)
             else:
-                fut.set_exception(BuildFailed("build", value))
+                fut.set_exception(BuildFailed(value))
 
     def submit(self, imported, num_inputs: int, name: str, target, lib_path) -> None:
         """Start building segment `name` (imported: Relax module, weights) for `target` (a Target)."""
