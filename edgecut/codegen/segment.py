@@ -142,7 +142,8 @@ def chain_split(gm: fx.GraphModule, plans, exits: list[ExitSpec] | None = None):
         return split(gm, plans, exits)
     placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
     need = _ancestors(nodes[ex.output])
-    sets = sorted({frozenset(set(p.cut.device) & need - placeholders) for p in plans} | {frozenset()}, key=len)
+    own = {p.id: frozenset(set(p.cut.device) & need - placeholders) for p in plans}   # device nodes per plan
+    sets = sorted(set(own.values()) | {frozenset()}, key=len)
     if any(not a <= b for a, b in zip(sets, sets[1:])):
         return split(gm, plans, exits)
     order = [n for n in nodes if n in need and n not in placeholders]
@@ -160,7 +161,7 @@ def chain_split(gm: fx.GraphModule, plans, exits: list[ExitSpec] | None = None):
                             macs=round(sum(charged_macs(nodes[m]) for m in piece))))
     routes = {}
     for p in plans:
-        k = sets.index(frozenset(set(p.cut.device) & need - placeholders))
+        k = sets.index(own[p.id])
         device = tuple(x.name for x in segs[:k] if x)
         edge = tuple(x.name for x in segs[k:] if x)
         edge_reads = set().union(*(set(x.inputs) for x in segs[k:] if x)) - set().union(
