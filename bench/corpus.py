@@ -318,8 +318,15 @@ def main(argv=None) -> int:
         entries = dict(pool)
     qemu = {n.strip() for n in args.qemu.split(",") if n.strip()}
     print(HEADER, flush=True)
-    rows = run_corpus(entries, args.jobs, args.timeout, qemu, args.keep,
-                      on_row=lambda r: print(format_row(r), flush=True))
+    done = []
+
+    def on_row(r):
+        print(format_row(r), flush=True)
+        done.append(r)
+        if args.json:  # rows so far, so that a long run stopped midway keeps what it measured
+            Path(args.json).write_text(json.dumps(done, indent=1, default=str))
+
+    rows = run_corpus(entries, args.jobs, args.timeout, qemu, args.keep, on_row=on_row)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
     print(summary(rows), flush=True)

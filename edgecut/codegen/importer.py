@@ -144,9 +144,48 @@ def _aten_rounded_divide(node: fx.Node, importer):
     return q if mode is None else importer.block_builder.emit(relax.op.trunc(q))
 
 
+def _nearest_indices(in_size: int, out_size: int, scale, exact: bool):
+    """The source row of each output row, as PyTorch's CPU kernel computes it (UpSample.h):
+    float32 `floor(dst * s)` (`floor((dst + 0.5) * s)` for nearest-exact), clamped to the last
+    row, with s = 1 / scale_factor when one was given and in / out otherwise."""
+    import numpy as np
+
+    s = np.float32(1.0 / scale) if scale else np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(out_size, dtype=np.float32) + (np.float32(0.5) if exact else np.float32(0))
+    return np.minimum(np.floor(dst * s).astype(np.int64), in_size - 1)
+
+
+def _aten_upsample_nearest(node: fx.Node, importer):
+    """upsample_nearest{1,2,3}d.vec(x, output_size, scale_factors) and the nearest-exact ones as
+    a gather per spatial axis. TVM 0.27 maps them to resize2d with half-pixel rounding, which
+    picks other rows than PyTorch whenever the scale is not a whole number (GhostNetV2's
+    attention gate, 3 -> 7: 0.3x the output's scale off)."""
+    import numpy as np
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    shape = [int(d) for d in importer.shape_of(x)]
+    spatial = len(shape) - 2
+    size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    scales = node.args[2] if len(node.args) > 2 else node.kwargs.get("scale_factors")
+    scales = [None] * spatial if scales is None else (list(scales) if isinstance(scales, (list, tuple))
+                                                      else [scales] * spatial)
+    if size is None:
+        size = [int(np.floor(shape[2 + i] * float(scales[i]))) for i in range(spatial)]
+    exact = "exact" in str(node.target)
+    for i in range(spatial):
+        if int(size[i]) == shape[2 + i] and not scales[i]:
+            continue
+        idx = _nearest_indices(shape[2 + i], int(size[i]), scales[i], exact)
+        x = importer.block_builder.emit(relax.op.take(x, relax.const(idx.astype("int64")), axis=2 + i, mode="clip"))
+    return x
+
+
 # converters that replace TVM's for ATen ops it gets wrong, or add ones it lacks
 _EXPORT_CONVERTERS = {"batch_norm.default": _aten_batch_norm, "to.device": _aten_to_device,
-                      "floor_divide.default": _aten_rounded_divide, "div.Tensor_mode": _aten_rounded_divide}
+                      "floor_divide.default": _aten_rounded_divide, "div.Tensor_mode": _aten_rounded_divide,
+                      **{f"{op}{d}d.vec": _aten_upsample_nearest for op in ("upsample_nearest", "_upsample_nearest_exact")
+                         for d in (1, 2, 3)}}
 
 
 def _importer():

@@ -175,3 +175,40 @@ def test_to_device_and_float_floor_divide_compile_with_tvm():
     vm = relax.VirtualMachine(built.executable, tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(x.numpy()), *[tvm.runtime.tensor(p) for p in built.params]).numpy()
     np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+class _Nearest(nn.Module):
+    """Nearest upsampling at scales that are not whole numbers (GhostNetV2's gate: 7 -> 3 -> 7),
+    by a scale factor, and nearest-exact: TVM 0.27's resize rounds half-pixel and picks other
+    rows than PyTorch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        gate = torch.sigmoid(nn.functional.avg_pool2d(y, 2, 2))
+        a = y * nn.functional.interpolate(gate, size=(y.shape[-2], y.shape[-1]), mode="nearest")
+        b = nn.functional.interpolate(gate, scale_factor=2.5, mode="nearest")
+        c = nn.functional.interpolate(gate, size=(5, 9), mode="nearest-exact")
+        return torch.cat([a.flatten(1), b.flatten(1), c.flatten(1)], 1)
+
+
+def test_nearest_upsampling_at_fractional_scales_equals_eager():
+    import numpy as np
+
+    from edgecut.codegen.build import build
+    from edgecut.codegen.importer import import_segment
+
+    torch.manual_seed(0)
+    model, x = _Nearest().eval(), torch.randn(1, 3, 7, 7)
+    gm = edgecut.trace(model, x)
+    mod, params = import_segment(gm, [((1, 3, 7, 7), "float32")], example_inputs=[x.numpy()])
+    built = build(mod, params, "local")
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(built.executable, tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x.numpy()), *[tvm.runtime.tensor(p) for p in built.params]).numpy()
+    np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
