@@ -16,6 +16,7 @@ with the TVM output (or PyTorch's) with onnxruntime.
 """
 from __future__ import annotations
 
+import logging
 import math
 import platform
 import shutil
@@ -33,7 +34,7 @@ from edgecut.codegen.codec_ops import add_coded_values, output_error, reference_
 from edgecut.codegen.importer import ImportFailed, import_segment
 from edgecut.codegen.parallel import BuildFailed, Builds, build_one, jobs_for
 from edgecut.codegen.manifest import (FORMAT_VERSION, REFERENCE, Library, Manifest, TensorSpec, array_key,
-                                      save_arrays, sha256)
+                                      load_arrays, save_arrays, sha256)
 from edgecut.codegen.segment import _ancestors, chain_split, exit_specs, segment_module, split
 from edgecut.errors import CodegenError, CodegenWarning
 from edgecut.frontend import meta
@@ -41,6 +42,8 @@ from edgecut.types import Cut, Plan, PlanTable
 
 BACKENDS = ("tvm", "onnxruntime")
 WEIGHTS = "weights.msgpack"     # per side: every library's weights, each distinct array once
+
+log = logging.getLogger("edgecut.codegen")
 
 
 def _values(gm: fx.GraphModule, example_inputs) -> dict:
@@ -140,22 +143,57 @@ def _import(s, seg_gm, ins, imports: dict):
 
 
 def _tvm_segment(s, seg_gm, ins, want, mine, sides, out, libs, check, bar, tolerance, stores, builds, imports):
+    """`_tvm_segment_at` with Winograd tiles up to 4; a segment whose numbers are off is built
+    again with tiles up to 2, which round less (codegen/winograd.py), before it falls back."""
+    try:
+        return _tvm_segment_at(s, seg_gm, ins, want, mine, sides, out, libs, check, bar, tolerance, stores,
+                               builds, imports, 4)
+    except _Fallback as e:
+        if e.op != "numeric check":
+            raise
+        log.info("%s; building it again with Winograd tiles of at most 2x2", e.reason)
+        builds.discard(s.name)
+        del libs[:]
+        bar.update(-e.done)
+        for side in mine:
+            (out / side / f"{s.name}.so").unlink(missing_ok=True)
+            (out / side / f"{s.name}.params").unlink(missing_ok=True)
+        check["tvm_vs_torch_winograd4"] = check.pop("tvm_vs_torch")
+        done = set()
+        for side in mine:                     # both sides at once when there are workers
+            target = sides[side]
+            if target.name not in done:
+                done.add(target.name)
+                builds.submit(_import(s, seg_gm, ins, imports), len(ins), s.name, target,
+                              out / side / f"{s.name}{_tile_suffix(2)}.so", winograd_tile=2)
+        return _tvm_segment_at(s, seg_gm, ins, want, mine, sides, out, libs, check, bar, tolerance, stores,
+                               builds, imports, 2)
+
+
+def _tile_suffix(tile: int) -> str:
+    """The library name's suffix for a Winograd tile bound: a rebuilt library gets a name of its own
+    (the process has the first one loaded, and loading the same path again returns that one)."""
+    return "" if tile == 4 else f"-w{tile}"
+
+
+def _tvm_segment_at(s, seg_gm, ins, want, mine, sides, out, libs, check, bar, tolerance, stores, builds, imports,
+                    tile):
     """Compile `s` for each side in `mine` (once per distinct target; by a worker of `builds` when
-    it has the build, else here), export the libraries (appended to `libs`), and check the first
-    one that runs here against PyTorch. Returns its outputs (None when no library runs here);
-    raises _Fallback."""
+    it has the build, else here) with Winograd tiles up to `tile`, export the libraries (appended
+    to `libs`), and check the first one that runs here against PyTorch. Returns its outputs
+    (None when no library runs here); raises _Fallback."""
     built_for, tvm_out = {}, None
     for k, side in enumerate(mine):
         target = sides[side]
         bar.set_postfix_str(f"{s.name} for {target.name}")
-        lib, par = f"{side}/{s.name}.so", f"{side}/{s.name}.params"
+        lib, par = f"{side}/{s.name}{_tile_suffix(tile)}.so", f"{side}/{s.name}{_tile_suffix(tile)}.params"
         if target.name in built_for:          # same target on both sides: compile once
             shutil.copyfile(out / built_for[target.name][0], out / lib)
             _save_refs(out / par, built_for[target.name][1], stores[side])
         else:
             try:
                 params = builds.result(s.name, target.name, lambda: build_one(
-                    _import(s, seg_gm, ins, imports), len(ins), target, out / lib))
+                    _import(s, seg_gm, ins, imports), len(ins), target, out / lib, tile))
             except BuildFailed as e:
                 raise _Fallback("build", s.nodes[0], f"compiling segment {s.name} ({', '.join(s.nodes[:3])}...) "
                                 f"for target {target.name} failed: {e}", k) from e
@@ -269,8 +307,9 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
                     fallbacks[s.name] = e
                     builds.discard(s.name)
                     for side in mine:
-                        (out / side / f"{s.name}.so").unlink(missing_ok=True)
-                        (out / side / f"{s.name}.params").unlink(missing_ok=True)
+                        for suffix in (_tile_suffix(4), _tile_suffix(2)):
+                            (out / side / f"{s.name}{suffix}.so").unlink(missing_ok=True)
+                            (out / side / f"{s.name}{suffix}.params").unlink(missing_ok=True)
                     tvm_libs, tvm_out = [], None
                     bar.update(len(mine) - e.done)
             libraries += tvm_libs
@@ -317,7 +356,9 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
         files += [f for lib in more for f in (lib.file, lib.params)]
     for side, store in stores.items():
         if any(lib.side == side and lib.weights for lib in libraries):   # even empty: libraries name it
-            save_arrays(out / side / WEIGHTS, store)
+            used = {r["ref"] for lib in libraries if lib.side == side and lib.params
+                    for r in load_arrays(out / lib.params)}   # not the weights of a library built again
+            save_arrays(out / side / WEIGHTS, {k: v for k, v in store.items() if k in used})
             files.append(f"{side}/{WEIGHTS}")
 
     # 3. the reference for `edgecut check`: model inputs, each exit's logits, the tensors an edge gets

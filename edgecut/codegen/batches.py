@@ -74,7 +74,8 @@ def build_edge_batches(gm, segments, edge_libs: dict, example_inputs, batches, t
             try:
                 mod, params = import_segment(segment_module(gm, s), [(x.shape, x.dtype) for x in ins],
                                              name=s.name, example_inputs=ins)
-                built = build(mod, params, target, num_inputs=len(ins))
+                tile = 2 if base.file.endswith("-w2.so") else 4    # as the batch-1 library (artifact.py)
+                built = build(mod, params, target, num_inputs=len(ins), winograd_tile=tile)
                 export_library(built, out / lib, target)
                 weights = {}
                 save_refs(out / par, built.params, weights)

@@ -50,13 +50,14 @@ class Built:
 
 
 def build(mod, params, target: Target | str, *, num_inputs: int = 1, schedule: bool = True,
-          tuning_dir: str | Path | None | bool = None) -> Built:
+          tuning_dir: str | Path | None | bool = None, winograd_tile: int = 4) -> Built:
     """Compile `mod` for `target` with edgecut's schedules.
 
     schedule: False compiles TVM's unscheduled default (slow; for comparison only).
     tuning_dir: a MetaSchedule database folder (from `edgecut tune`) to apply first; None looks
     in the user's cache (`edgecut.codegen.tune.database_dir(target)`) and in the databases
     shipped with edgecut; False ignores every database.
+    winograd_tile: the largest Winograd output tile (4, 2, or 0 for direct convolutions only).
     """
     import tvm
 
@@ -67,7 +68,7 @@ def build(mod, params, target: Target | str, *, num_inputs: int = 1, schedule: b
         ex = tvm.compile(mod, target=tvm_target)
         return Built(ex, params, t, num_inputs)
 
-    fused, weights1, constants = prepare(mod, num_inputs)
+    fused, weights1, constants = prepare(mod, num_inputs, winograd_tile=winograd_tile)
     params = params + constants
     with tvm_target:
         fused = apply_schedules(fused, tvm_target, _databases(t, tuning_dir))
@@ -77,7 +78,7 @@ def build(mod, params, target: Target | str, *, num_inputs: int = 1, schedule: b
     return Built(ex, new_params, t, num_inputs)
 
 
-def prepare(mod, num_inputs: int = 1):
+def prepare(mod, num_inputs: int = 1, winograd_tile: int = 4):
     """Legalize, re-layout and fuse `mod`; return (main module, weight-transform module or None,
     constants). `constants` (arrays such as batch-norm running statistics, which the importer
     embeds) become weights appended after `params`, so their transforms are lifted as well.
@@ -99,7 +100,7 @@ def prepare(mod, num_inputs: int = 1):
     ])(mod)
     mod["main"] = rewrites.divide_by_weights_as_multiply(mod, num_inputs)
     mod = _convert_layout(mod)                        # NCHW/OIHW -> NHWC/HWIO
-    mod = winograd.winograd_conv2d(mod, num_inputs)   # 3x3 stride-1 convs (edgecut/codegen/winograd.py)
+    mod = winograd.winograd_conv2d(mod, num_inputs, largest=winograd_tile)   # 3x3 stride-1 convs
     mod = relax.transform.LiftTransformParams()(mod)  # weight-only work -> main_transform_params
     main_mod = tvm.transform.Sequential([
         relax.transform.LegalizeOps(),                # every op -> a TIR PrimFunc

@@ -97,7 +97,7 @@ def check_cuts(gm: fx.GraphModule, example_inputs, cuts, *, exit_id: int | None 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgecut-cuts-") as tmp:
         out = out_dir or tmp
-        m = build_artifact(gm, table, device_target, edge_target, out, example_inputs, onnx=onnx,
+        m = build_artifact(gm, table, device_target, edge_target, out, example_inputs, onnx=onnx, tolerance=tolerance,
                            progress=progress, model_name=f"{type(gm).__name__} (check_cuts)", chain=True)
         dev, edge = load(out, "device"), load(out, "edge")
         feed = dict(zip(dev.input_names, (np.asarray(x) for x in example_inputs)))

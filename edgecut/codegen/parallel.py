@@ -49,7 +49,7 @@ def jobs_for(macs: float, builds: int) -> int:
     return min(cores, builds, MAX_JOBS)
 
 
-def build_one(imported, num_inputs: int, target, lib_path) -> list:
+def build_one(imported, num_inputs: int, target, lib_path, winograd_tile: int = 4) -> list:
     """Build the imported segment (Relax module, weights) for `target` and write its library to
     `lib_path`; its weights as `main` wants them. Raises BuildFailed."""
     from edgecut import targets as _targets
@@ -58,7 +58,7 @@ def build_one(imported, num_inputs: int, target, lib_path) -> list:
 
     target = _targets.get(target)
     try:
-        built = build(*imported, target, num_inputs=num_inputs)
+        built = build(*imported, target, num_inputs=num_inputs, winograd_tile=winograd_tile)
         export_library(built, str(lib_path), target)
     except Exception as e:  # noqa: BLE001 - the segment falls back (or the build stops)
         raise BuildFailed(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1][:300]}") from e
@@ -91,12 +91,14 @@ def _serve() -> None:
 
     while True:
         try:
-            text, params, num_inputs, target, lib_path, level = _recv(sys.stdin.buffer)
+            request = _recv(sys.stdin.buffer)
+            text, params, num_inputs, target, lib_path, level = request[:6]
+            tile = request[6] if len(request) > 6 else 4
         except EOFError:
             return
         logging.getLogger("edgecut").setLevel(level)
         try:
-            out = ("ok", build_one((tvm.ir.load_json(text), params), num_inputs, target, lib_path))
+            out = ("ok", build_one((tvm.ir.load_json(text), params), num_inputs, target, lib_path, tile))
         except BuildFailed as e:
             out = ("failed", str(e))
         except Exception as e:  # noqa: BLE001 - reported to the caller, the worker goes on
@@ -138,14 +140,14 @@ class Builds:
             else:
                 fut.set_exception(BuildFailed(value))
 
-    def submit(self, imported, num_inputs: int, name: str, target, lib_path) -> None:
+    def submit(self, imported, num_inputs: int, name: str, target, lib_path, winograd_tile: int = 4) -> None:
         """Start building segment `name` (imported: Relax module, weights) for `target` (a Target)."""
         if not self.procs:
             return
         import tvm
 
         request = (tvm.ir.save_json(imported[0]), imported[1], num_inputs, target, str(lib_path),
-                   logging.getLogger("edgecut").getEffectiveLevel())
+                   logging.getLogger("edgecut").getEffectiveLevel(), winograd_tile)
         fut = cf.Future()
         self.futures[(name, target.name)] = fut
         self.tasks.put((fut, request))

@@ -205,3 +205,27 @@ def test_aarch64_build_runs_under_qemu(monkeypatch, tmp_path):
         ref = model(torch.from_numpy(x)).numpy()
     out = np.load(tmp_path / "out.npy")
     assert float(np.abs(out - ref).max()) <= 1e-4 * float(np.abs(ref).max())
+
+
+def test_a_segment_off_at_4x4_tiles_is_built_again_at_2x2(tmp_path):
+    """F(4x4, 3x3) rounds more than F(2x2, 3x3); a segment whose check fails at 4x4 tiles is
+    built again with tiles of at most 2x2 before it falls back to ONNX Runtime. The tolerance
+    sits between the two errors, both measured here first."""
+    import edgecut
+    from edgecut.codegen.check_cuts import check_cuts
+    from edgecut.codegen.manifest import Manifest, max_error
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Conv2d(32, 32, 3, padding=1) for _ in range(8)]).eval()
+    x = torch.randn(1, 32, 28, 28)
+    want = model(x).detach().numpy()
+    mod, params = import_relax(model, tuple(x.shape))
+    err = {t: max_error(run_built(build(mod, params["main"], "local", winograd_tile=t), x.numpy()), want)
+           for t in (4, 2)}
+    assert err[4] > 1.5 * err[2], err
+    tol = (err[4] * err[2]) ** 0.5
+    gm = edgecut.trace(model, x)
+    res = check_cuts(gm, x, [next(iter(gm.graph.nodes)).name], tolerance=tol, out_dir=tmp_path, onnx=False)
+    assert res.ok and not res.fallbacks, (res.errors, res.fallbacks, err)
+    checks = Manifest.read(tmp_path).checks
+    assert any(c.get("tvm_vs_torch_winograd4", 0) > tol >= c["tvm_vs_torch"] for c in checks.values()), checks
