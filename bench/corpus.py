@@ -164,6 +164,7 @@ def check_model(name: str, spec: tuple, work: Path, qemu: bool = False, device_t
                               out_dir=work / "pi4", progress=False, name=name)
         row["compile_s"], row["compiles"] = time.perf_counter() - t0, True
         row["fallbacks"] = sum(lib.backend == "onnxruntime" for lib in art.manifest.libraries)
+        row["phases"] = art.manifest.info.get("compile_s", {})
         row["plans"] = [p.cut.name for p in art.table.plans]
         row["stage"] = "table"
         row["table_worst"] = max(max_error(art.simulate(x, bandwidth=b).output, want) for b in art.table.bounds)

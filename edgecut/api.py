@@ -11,9 +11,11 @@
 """
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,8 @@ from edgecut.errors import PlanError, UsageError
 from edgecut.frontend import meta
 from edgecut.types import Link, Plan, PlanTable
 from edgecut.units import format_bandwidth, format_time, parse_bandwidth, parse_time
+
+log = logging.getLogger("edgecut")
 
 OBJECTIVES = ("accuracy", "latency")
 
@@ -75,6 +79,8 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
         raise UsageError(f"codecs {', '.join(codecs[1:])} need data: their int8 scales and accuracy are measured on "
                          "it (pass data='digits' or (train, val) datasets), or use codecs=('fp32',)")
 
+    clock = [("start", time.perf_counter())]                             # seconds per phase -> info
+
     if _trained(model):                                                  # a graph compile already right-sized
         gm, exit_info = model, dict(model.meta.get(meta.RIGHT_SIZING, {}))
     else:
@@ -86,6 +92,7 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
         require_one_output(gm)                                           # one tensor: the logits
         gm, exit_info = _right_size(gm, exits, data, example_input, epochs, max_accuracy_loss, num_exits, progress)
         gm.meta[meta.RIGHT_SIZING] = exit_info
+    clock.append(("trace", time.perf_counter()))
     gm = annotate_cost(gm, dev_prof, edge_prof, allow_uncalibrated)     # device/edge seconds per node
     overhead = dev_prof.message_overhead_s or edge_prof.message_overhead_s
     with warnings.catch_warnings(record=True) as caught:                # the solver's DeadlineWarning
@@ -101,10 +108,17 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgecut-"))
     cands = candidates(gm, keep=table.plans)                            # (exit, cut): Pareto fronts
     cands, info["codecs"] = _code(gm, cands, codecs, data, example_input, max_accuracy_loss)  # (exit, cut, codec)
+    clock.append(("plan", time.perf_counter()))
+    info["compile_s"] = {}                                              # filled in below, written with it
     manifest = build_artifact(gm, table, device_t, edge_t, out, (example_input,), backend=backend,
                               model_name=name or type(model).__name__, progress=progress, info=info,
                               candidates=cands, edge_batches=edge_batches)
+    clock.append(("build", time.perf_counter()))
     manifest = _plan_as_built(gm, manifest, dev_prof, edge_prof, rtt, overhead, objective, margin, bool(caught))
+    clock.append(("table", time.perf_counter()))
+    manifest.info["compile_s"].update({k: round(t - t0, 3) for (_, t0), (k, t) in zip(clock, clock[1:])})
+    log.info("compiled %s in %.1f s (%s)", name or type(model).__name__, clock[-1][1] - clock[0][1],
+             ", ".join(f"{k} {v:.1f} s" for k, v in manifest.info["compile_s"].items()))
     manifest.write(out)
     return Artifact(out, manifest, gm)
 

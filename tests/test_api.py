@@ -59,6 +59,9 @@ def test_save_open_explain(tmp_path):
     saved = art.save(tmp_path / "saved")
     again = Artifact.open(saved)
     assert again.plan().id == art.plan("2mbit").id
+    phases = again.info["compile_s"]           # where compile spent its time, kept in the manifest
+    assert list(phases) == ["trace", "plan", "build", "table"] and all(v >= 0 for v in phases.values())
+    assert phases["build"] > 0
     png = again.explain(tmp_path / "plan.png")
     data = open(png, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
