@@ -2,8 +2,12 @@
 equals whole checked at every cut candidate.
 
 Models are timm's definitions with random weights (pretrained=False: nothing is downloaded),
-smallest variants of many families. Most get settled BatchNorm statistics
-(`edgecut.zoo.settle_batchnorm`, random inputs), some stay as initialised. For each model:
+smallest variants of many families. Parameters that the initialiser sets to one value (zero
+heads, unit norms, zero last BN of a residual branch, 1e-6 layer scales) get random values
+(`edgecut.zoo.vary_constant_parameters`): otherwise a branch scaled by 0 or 1e-6 hides what its
+layers compute from the check, and a zero head makes it vacuous (a row whose output is the same
+for every class fails). Most get settled BatchNorm statistics (`edgecut.zoo.settle_batchnorm`,
+random inputs), some stay as initialised. For each model:
 
 1. `edgecut.compile(model, x, target="pi4", edge="local", deadline=10, exits=None,
    profile=local.scaled(20), edge_profile=local, rtt="20ms")`: the device is planned as this
@@ -121,6 +125,7 @@ def make_model(name: str, spec: tuple):
     family, side, settle, kwargs = spec
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    zoo.vary_constant_parameters(model)       # zero heads, unit norms, 1e-6 layer scales: trained-like
     shape = (1, 3, side, side)
     if settle:
         zoo.settle_batchnorm(model, (2, 3, side, side))
@@ -155,6 +160,8 @@ def check_model(name: str, spec: tuple, work: Path, qemu: bool = False, device_t
         row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         with torch.no_grad():
             want = model(x).numpy()
+        if float(np.ptp(want)) == 0.0:
+            raise ValueError("the model's output is the same for every class: comparing with it checks nothing")
         local = load_profile("local")
         device = dataclasses.replace(local.scaled(20), target=device_target, name=f"local-x20-as-{device_target}")
         row["stage"] = "compile"

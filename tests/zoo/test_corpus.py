@@ -44,3 +44,23 @@ def test_fast_subset_splits_equal_the_whole_at_every_cut(name, tmp_path):
     assert row["cuts"] >= 5 and row["cuts_ok"] == row["cuts"], row["cause"]
     assert row["worst"] <= corpus.TOLERANCE and row["table_worst"] <= corpus.TOLERANCE
     assert corpus.split_ok(row)
+
+
+def test_constant_parameters_get_random_values_so_the_check_sees_every_layer():
+    """timm zero-initialises gMLP's head (every logit 0) and sets ConvNeXt's layer scales to 1e-6:
+    a compiled copy compared with that checks nothing in those branches."""
+    import torch
+
+    corpus._stub_torchvision_ops()
+    import timm
+
+    from edgecut import zoo
+
+    torch.manual_seed(0)
+    model = timm.create_model("gmlp_ti16_224", pretrained=False, img_size=32).eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert float(model(x).detach().abs().max()) == 0.0            # as timm initialises it
+    changed = zoo.vary_constant_parameters(model)
+    assert "head.weight" in changed and "blocks.0.norm.weight" in changed
+    assert float(model(x).detach().std()) > 0.01
+    assert zoo.vary_constant_parameters(model) == []               # nothing constant left
