@@ -66,8 +66,15 @@ class Workload:
     cases: list
 
 
+# the edge half of AlexNet cut after pool5 (Edgent's own split): its three fully connected layers,
+# 9216 -> 4096 -> 4096 -> 1000, 59 M multiply-adds and 234 MB of weights read per batch
+ALEXNET_FC = (9216, 4096, 4096, 1000)
+
+
 def workload(spec: str, n_cases: int = 16) -> Workload:
     rng = np.random.default_rng(0)
+    if spec == "alexnet-fc":
+        spec = "numpy:" + ",".join(map(str, ALEXNET_FC))
     if spec == "numpy" or spec.startswith("numpy:"):
         dims = tuple(int(d) for d in spec[6:].split(",")) if ":" in spec else DIMS
         part = NumpyPart("edge", dims, make_table(dims, bounds=(0.0,), cuts=("input",), exits=(1,)))

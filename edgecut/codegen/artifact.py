@@ -281,7 +281,7 @@ def build_artifact(gm: fx.GraphModule, table: PlanTable, device_target="local", 
                 first.setdefault(sides[side].name, side)
         todo += [(s, side) for side in first.values()]
     macs = sum(float(n.meta.get(meta.MACS, 0) or 0) for n in gm.graph.nodes)
-    builds, imports = Builds(jobs_for(macs, len(todo))), {}
+    builds, imports = Builds(jobs_for(macs, len(todo), len(gm.graph.nodes))), {}
     for s, side in todo if builds.procs else ():    # workers build while this process checks
         try:
             got = _import(s, seg_gms[s.name], [values[i] for i in s.inputs], imports)

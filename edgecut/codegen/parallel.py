@@ -27,8 +27,11 @@ import threading
 log = logging.getLogger("edgecut.codegen")
 
 JOBS_ENV = "EDGECUT_BUILD_JOBS"
-# below this many multiply-accumulates in the model, starting workers costs more than it saves
+# below this many multiply-accumulates and graph nodes in the model, starting workers costs more
+# than it saves: a build's time follows its kernels (nodes) more than its arithmetic, so a light
+# model of many small ops (timm's ghostnet_050: 42 M MACs, 9 segments, 150 s serially) gets them too
 MIN_MACS = 50e6
+MIN_NODES = 150
 MAX_JOBS = 4
 
 
@@ -37,14 +40,15 @@ class BuildFailed(Exception):
     says where); the message says why."""
 
 
-def jobs_for(macs: float, builds: int) -> int:
-    """How many worker processes build `builds` libraries of a model of `macs` (0: in this one)."""
+def jobs_for(macs: float, builds: int, nodes: int = 0) -> int:
+    """How many worker processes build `builds` libraries of a model of `macs` multiply-adds and
+    `nodes` graph nodes (0: in this one)."""
     cores = os.cpu_count() or 1
     env = os.environ.get(JOBS_ENV, "")
     if env:
         n = int(env)
         return 0 if n <= 1 else min(n, builds)
-    if macs < MIN_MACS or builds < 3 or cores < 2:
+    if (macs < MIN_MACS and nodes < MIN_NODES) or builds < 3 or cores < 2:
         return 0
     return min(cores, builds, MAX_JOBS)
 

@@ -15,7 +15,7 @@ from edgecut.codegen.artifact import build_artifact
 from edgecut.codegen.importer import FAIL_IMPORT_ENV
 from edgecut.codegen.load import load
 from edgecut.codegen.manifest import max_error
-from edgecut.codegen.parallel import JOBS_ENV, MIN_MACS, jobs_for
+from edgecut.codegen.parallel import JOBS_ENV, MIN_MACS, MIN_NODES, jobs_for
 from edgecut.errors import CodegenWarning
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +26,7 @@ def test_workers_only_for_models_worth_it(monkeypatch):
     assert jobs_for(MIN_MACS / 10, 20) == 0            # starting workers would cost more
     assert jobs_for(MIN_MACS * 10, 2) == 0
     assert jobs_for(MIN_MACS * 10, 20) == (min(os.cpu_count(), 4) if os.cpu_count() > 1 else 0)
+    assert jobs_for(MIN_MACS / 10, 20, nodes=MIN_NODES) == jobs_for(MIN_MACS * 10, 20)   # many small ops
     monkeypatch.setenv(JOBS_ENV, "1")
     assert jobs_for(MIN_MACS * 10, 20) == 0
     monkeypatch.setenv(JOBS_ENV, "2")
