@@ -6,7 +6,8 @@ smallest variants of many families. Parameters that the initialiser sets to one 
 heads, unit norms, zero last BN of a residual branch, 1e-6 layer scales) get random values
 (`edgecut.zoo.vary_constant_parameters`): otherwise a branch scaled by 0 or 1e-6 hides what its
 layers compute from the check, and a zero head makes it vacuous (a row whose output is the same
-for every class fails). Most get settled BatchNorm statistics (`edgecut.zoo.settle_batchnorm`,
+for every class fails). Where that makes eager fp32 itself drift from fp64 by more than the
+tolerance (LeViT), only the vanishing ones (below 1e-3) are varied (`reference_drift`). Most get settled BatchNorm statistics (`edgecut.zoo.settle_batchnorm`,
 random inputs), some stay as initialised. For each model:
 
 1. `edgecut.compile(model, x, target="pi4", edge="local", deadline=10, exits=None,
@@ -123,13 +124,32 @@ def make_model(name: str, spec: tuple):
     from edgecut import zoo
 
     family, side, settle, kwargs = spec
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
-    zoo.vary_constant_parameters(model)       # zero heads, unit norms, 1e-6 layer scales: trained-like
     shape = (1, 3, side, side)
-    if settle:
-        zoo.settle_batchnorm(model, (2, 3, side, side))
-    return model, torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    for only_vanishing in (False, True):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        zoo.vary_constant_parameters(model, only_vanishing=only_vanishing)   # zero heads, 1e-6 layer scales
+        if settle:
+            zoo.settle_batchnorm(model, (2, 3, side, side))
+        if only_vanishing or reference_drift(model, x) <= TOLERANCE:
+            return model, x
+
+
+def reference_drift(model, x) -> float:
+    """How far eager fp32 is from eager fp64 on `x`, x the output's scale: a reference that is
+    itself off by more than the tolerance cannot judge a compiled copy. With every constant
+    parameter varied, LeViT's is (6.8e-3: its normalised branches no longer start at 0), so
+    make_model varies only the vanishing ones there (1.8e-5)."""
+    import copy
+
+    import torch
+
+    from edgecut.codegen.manifest import max_error
+
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double()).numpy()
+        return max_error(model(x).numpy(), want)
 
 
 def _one_line(e: BaseException) -> str:

@@ -69,15 +69,16 @@ def settle_batchnorm(model: nn.Module, shape: tuple, batches: int = 4, seed: int
     return model.eval()
 
 
-def vary_constant_parameters(model: nn.Module, seed: int = 0) -> list[str]:
+def vary_constant_parameters(model: nn.Module, seed: int = 0, only_vanishing: bool = False) -> list[str]:
     """Give every parameter that its initialiser set to one value for all elements (zero-initialised
     classifier heads, BatchNorm and LayerNorm weights and biases, zero-initialised last BN of a
     residual branch, layer scales of 1e-6, skip gains of 0) random values of a trained network's
     kind: biases N(0, 0.1), other vectors U(0.5, 1.5), matrices and kernels N(0, 1/fan_in). A
     branch multiplied by 0 or 1e-6 hides whatever its layers compute, and a zero head makes every
     output 0: comparing a compiled copy with such a model checks little or nothing (timm's gMLP,
-    ResMLP: logits all 0; its ResNets, ConvNeXts: residual branches at 0 or 1e-6). Returns the
-    names of the parameters changed."""
+    ResMLP: logits all 0; its ResNets, ConvNeXts: residual branches at 0 or 1e-6).
+    `only_vanishing`: change only the ones that make a path vanish (weights, gains and scales
+    below 1e-3), not unit norms or zero biases. Returns the names of the parameters changed."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -86,6 +87,8 @@ def vary_constant_parameters(model: nn.Module, seed: int = 0) -> list[str]:
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
             if flat.numel() < 2 or not p.is_floating_point() or not bool((flat == flat[0]).all()):
+                continue
+            if only_vanishing and (name.endswith("bias") or abs(float(flat[0])) >= 1e-3):
                 continue
             if p.dim() == 1 and name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
