@@ -7,8 +7,9 @@ heads, unit norms, zero last BN of a residual branch, 1e-6 layer scales) get ran
 (`edgecut.zoo.vary_constant_parameters`): otherwise a branch scaled by 0 or 1e-6 hides what its
 layers compute from the check, and a zero head makes it vacuous (a row whose output is the same
 for every class fails). Where that makes eager fp32 itself drift from fp64 by more than the
-tolerance (LeViT), only the vanishing ones (below 1e-3) are varied (`reference_drift`). Most get settled BatchNorm statistics (`edgecut.zoo.settle_batchnorm`,
-random inputs), some stay as initialised. For each model:
+tolerance (LeViT), only the vanishing ones (below 1e-3) are varied (`reference_drift`). Most get
+settled BatchNorm statistics (`edgecut.zoo.settle_batchnorm`, random inputs), some stay as
+initialised. For each model:
 
 1. `edgecut.compile(model, x, target="pi4", edge="local", deadline=10, exits=None,
    profile=local.scaled(20), edge_profile=local, rtt="20ms")`: the device is planned as this

@@ -109,14 +109,13 @@ def compile(model, example_input, target="pi", edge="local", deadline=0.1, bandw
     cands = candidates(gm, keep=table.plans)                            # (exit, cut): Pareto fronts
     cands, info["codecs"] = _code(gm, cands, codecs, data, example_input, max_accuracy_loss)  # (exit, cut, codec)
     clock.append(("plan", time.perf_counter()))
-    info["compile_s"] = {}                                              # filled in below, written with it
     manifest = build_artifact(gm, table, device_t, edge_t, out, (example_input,), backend=backend,
                               model_name=name or type(model).__name__, progress=progress, info=info,
                               candidates=cands, edge_batches=edge_batches)
     clock.append(("build", time.perf_counter()))
     manifest = _plan_as_built(gm, manifest, dev_prof, edge_prof, rtt, overhead, objective, margin, bool(caught))
     clock.append(("table", time.perf_counter()))
-    manifest.info["compile_s"].update({k: round(t - t0, 3) for (_, t0), (k, t) in zip(clock, clock[1:])})
+    manifest.info["compile_s"] = {k: round(t - t0, 3) for (_, t0), (k, t) in zip(clock, clock[1:])}
     log.info("compiled %s in %.1f s (%s)", name or type(model).__name__, clock[-1][1] - clock[0][1],
              ", ".join(f"{k} {v:.1f} s" for k, v in manifest.info["compile_s"].items()))
     manifest.write(out)

@@ -50,6 +50,7 @@ def build_edge_batches(gm, segments, edge_libs: dict, example_inputs, batches, t
     new Libraries; warns for each segment and size left out."""
     from edgecut.codegen.artifact import _run_library as run_library
     from edgecut.codegen.artifact import _save_refs as save_refs
+    from edgecut.codegen.artifact import _tile_suffix
     from edgecut.codegen.artifact import _values as values_of
     from edgecut.codegen.artifact import export_library
 
@@ -74,7 +75,7 @@ def build_edge_batches(gm, segments, edge_libs: dict, example_inputs, batches, t
             try:
                 mod, params = import_segment(segment_module(gm, s), [(x.shape, x.dtype) for x in ins],
                                              name=s.name, example_inputs=ins)
-                tile = 2 if base.file.endswith("-w2.so") else 4    # as the batch-1 library (artifact.py)
+                tile = 2 if base.file.endswith(f"{_tile_suffix(2)}.so") else 4   # as the batch-1 library
                 built = build(mod, params, target, num_inputs=len(ins), winograd_tile=tile)
                 export_library(built, out / lib, target)
                 weights = {}

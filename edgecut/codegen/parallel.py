@@ -95,9 +95,7 @@ def _serve() -> None:
 
     while True:
         try:
-            request = _recv(sys.stdin.buffer)
-            text, params, num_inputs, target, lib_path, level = request[:6]
-            tile = request[6] if len(request) > 6 else 4
+            text, params, num_inputs, target, lib_path, level, tile = _recv(sys.stdin.buffer)
         except EOFError:
             return
         logging.getLogger("edgecut").setLevel(level)
