@@ -1,28 +1,34 @@
 """The edge tier (edgecut serve --ray) under load, failure, a slow link and hostile input.
 
-    PYTHONPATH=. python bench/serve.py [--model numpy|zoo:NAME] [--seconds 60] [--devices 64]
-                                       [--fuzz-frames 100000]
+    PYTHONPATH=. python bench/serve.py [--model alexnet-fc|numpy[:D0,D1,D2,D3]|zoo:NAME] [--seconds 60]
+                                       [--devices 64] [--fuzz-frames 100000]
 
-Starts a local Ray cluster (2 CPUs) and stops it at the end. `--model numpy` (default): the numpy
-MLP of the runtime tests at dims (1024, 2048, 2048, 10); `zoo:NAME`: that zoo model built with
-TVM (one plan, everything on the edge) at batch 1 and, for the edge, at batches 2, 4 and 8
+Starts a local Ray cluster (2 CPUs) and stops it at the end. `--model alexnet-fc` (default):
+AlexNet's three fully connected layers (9216-4096-4096-1000) in numpy, the edge half at Edgent's
+own cut, where batching pays (234 MB of weights read per batch); `numpy`: the numpy MLP of the
+runtime tests at dims (1024, 2048, 2048, 10); `zoo:NAME`: that zoo model built with TVM (one
+plan, everything on the edge) at batch 1 and, for the edge, at batches 2, 4 and 8
 (`edge_batches`), cached in build/bench-serve-NAME.
 
 1. compute limit: a replica of the idle tier runs batches of 1, 2, 4 and 8 requests (its own
-   edge_s, median of 20 each); limit = cores / (the best batch's seconds per request).
+   edge_s, median of 20 each); limit = cores / (the best batch's seconds per request). Then both
+   replicas fed batches of 8 directly (two calls in flight each, no front, no devices): what the
+   two replicas compute at once on this machine, the ceiling the tier's front can approach.
 2. load: `--devices` devices (threads in 4 processes, raw protocol connections) send requests with
-   a `--deadline` for `--seconds`, back to back, against the tier with batching on, then off (2
-   replicas, 1 CPU each); one replica is killed every `--kill-every` seconds. Each reply is
-   checked: its id (crossed or duplicated replies), its logits against the batch-1 reference,
-   the deadline. Lost: a request without any reply. After an error reply a device waits out its
-   deadline, as a real one does while it answers from its local exit.
+   a `--load-deadline` (1 s: both modes meet it, so their throughputs compare at equal deadline
+   met) for `--seconds`, back to back, against the tier with batching on, then off (2 replicas,
+   1 CPU each); no replica is killed here (`--load-kills` kills one every `--kill-every` s). Each
+   reply is checked: its id (crossed or duplicated replies), its logits against the batch-1
+   reference, the deadline. Lost: a request without any reply. After an error reply a device
+   waits out its deadline, as a real one does while it answers from its local exit.
 3. failure within capacity: the same devices paced to `--kill-load` x the batched throughput of
-   2., a replica killed every `--kill-every` seconds; deadline met over all requests (every
-   deadline here leaves room for one retry: the tier's p99 edge call is printed beside it).
-4. one device through a 20 ms RTT link (runtime/linkemu.py): median co-inference latency against
-   the tier vs against the single-process server (same front, LocalExecutor), side by side.
-5. fuzz: hypothesis-drawn hostile sessions (tests/runtime/hostile.py) against the tier's front,
+   2., a `--deadline` (0.1 s) each, a replica killed every `--kill-every` seconds; deadline met
+   over all requests (every deadline here leaves room for one retry), then 20 s without kills.
+4. fuzz: hypothesis-drawn hostile sessions (tests/runtime/hostile.py) against the tier's front,
    8 senders, while a well-behaved device checks its answers; then the front's fds and threads.
+5. one device through a 20 ms RTT link (runtime/linkemu.py): median co-inference latency against
+   a tier of one replica with both CPUs vs against the single-process server (same front,
+   LocalExecutor, both cores), in alternating blocks of 12 requests.
 
 Last line: `serve: batched/unbatched X, vs limit Y, lost Z, fuzz N frames C crashes`.
 """
@@ -123,13 +129,14 @@ def build_zoo(name: str) -> Path:
     return out
 
 
-def tier_server(w: Workload, batching: bool, **kw):
+def tier_server(w: Workload, batching: bool, replicas: int = 2, **kw):
+    """The tier with `replicas` replicas sharing the CORES (one each for 2, all of them for 1)."""
     from edgecut.runtime.tier import RayExecutor
 
     return EdgeServer(w.artifact, "127.0.0.1", 0, calibrate=False, request_timeout=5.0, **kw,
-                      executor=lambda p, a: RayExecutor(p, a, min_replicas=2, max_replicas=2, batching=batching,
-                                                        max_batch=BATCHES[-1], batch_wait_s=0.002,
-                                                        max_queue=512)).start()
+                      executor=lambda p, a: RayExecutor(p, a, min_replicas=replicas, max_replicas=replicas,
+                                                        batching=batching, max_batch=BATCHES[-1], batch_wait_s=0.002,
+                                                        max_queue=512, replica_cpus=CORES / replicas)).start()
 
 
 def compute_limit(ray, w: Workload, server) -> dict:
@@ -143,13 +150,43 @@ def compute_limit(ray, w: Workload, server) -> dict:
         ts = []
         for k in range(22):
             reqs = [w.cases[(k + j) % len(w.cases)][0] for j in range(n)]
-            reply = ray.get(actor.handle_request.remote(_metadata(ex.app, "run_many"), w.plan, reqs, [10.0] * n))
+            reply = ray.get(actor.handle_request.remote(_metadata(ex.app, "run_many"), w.plan, [10.0] * n, *reqs))
             assert all(r[0] == "ok" and r[3] == n for r in reply), reply[0][:1]
             ts.append(reply[0][2] / n)
         per[n] = statistics.median(ts[2:])
     print("edge compute per request on a replica: " + ", ".join(f"batch {n} {s * 1e3:.2f} ms" for n, s in per.items()),
           flush=True)
     return per
+
+
+def fed_directly(ray, w: Workload, server, seconds: float = 10.0, n: int = 8, inflight: int = 2) -> float:
+    """Requests/s that the replicas compute when fed batches of `n` directly, `inflight` calls
+    each, from threads of this process: the tier's ceiling here, without the front or devices."""
+    from edgecut.runtime.replicas import _metadata
+
+    ex = server.models[w.identity[0]].executor
+    done, lock, end = [0], threading.Lock(), time.monotonic() + seconds
+
+    def feed(name):
+        actor = ray.get_actor(name, namespace="serve")
+        reqs, refs = [w.cases[j % len(w.cases)][0] for j in range(n)], []
+        while time.monotonic() < end:
+            while len(refs) < inflight:
+                refs.append(actor.handle_request.remote(_metadata(ex.app, "run_many"), w.plan, [10.0] * n, *reqs))
+            reply = ray.get(refs.pop(0))
+            with lock:
+                done[0] += sum(r[0] == "ok" for r in reply)
+        ray.get(refs)
+
+    threads = [threading.Thread(target=feed, args=(name,)) for name in sorted(ex._actors)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rps = done[0] / (time.monotonic() - t0)
+    print(f"{len(threads)} replicas fed batches of {n} directly: {rps:.0f} req/s", flush=True)
+    return rps
 
 
 class Device(threading.Thread):
@@ -285,9 +322,12 @@ def load(ray, w: Workload, server, label: str, devices: int, seconds: float, dea
     return r
 
 
-def one_device_rtt(w: Workload, servers: dict, runs: int = 100) -> dict:
+def one_device_rtt(w: Workload, servers: dict, rounds: int = 10, block: int = 12) -> dict:
     """Median co-inference latency of one device through a 20 ms RTT link to each of `servers`
-    (name -> server), one request to each in turn, so that both see the same machine load."""
+    (name -> server): `rounds` rounds of a block of `block` requests to each in turn, the first
+    two of each block dropped. Blocks, not alternating requests: a BLAS thread pool spins for a
+    while after its work, and alternating made each side compute beside the other's spinning
+    threads (both 2x slower, as measured here)."""
     from contextlib import ExitStack
 
     from edgecut.codegen.load import load as load_part
@@ -305,13 +345,15 @@ def one_device_rtt(w: Workload, servers: dict, runs: int = 100) -> dict:
             emu = stack.enter_context(LinkEmulator(to=server.address, delay=0.010))
             rts[name] = stack.enter_context(DeviceRuntime(dev, edge=emu.address, probe_interval=None,
                                                           initial_bandwidth=1e9))
-        for _ in range(runs):
+        for _ in range(rounds):
             for name, rt in rts.items():
-                t = time.perf_counter()
-                r = rt.infer(x)
-                ts[name].append(time.perf_counter() - t)
-                assert r.where == "edge", r.reason
-    return {name: statistics.median(v[10:]) for name, v in ts.items()}
+                for j in range(block):
+                    t = time.perf_counter()
+                    r = rt.infer(x)
+                    if j >= 2:
+                        ts[name].append(time.perf_counter() - t)
+                    assert r.where == "edge", r.reason
+    return {name: statistics.median(v) for name, v in ts.items()}
 
 
 def fuzz(w: Workload, server, frames: int, deadline: float, senders: int = 8) -> tuple[int, int]:
@@ -364,16 +406,23 @@ def fuzz(w: Workload, server, frames: int, deadline: float, senders: int = 8) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="numpy", help="numpy[:D0,D1,D2,D3] (default numpy: 1024,2048,2048,10) "
-                    "or zoo:NAME (a TVM build)")
+    ap.add_argument("--model", default="alexnet-fc", help="alexnet-fc (default), numpy[:D0,D1,D2,D3] "
+                    "(numpy: 1024,2048,2048,10) or zoo:NAME (a TVM build)")
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--devices", type=int, default=64)
-    ap.add_argument("--deadline", type=float, default=0.1, help="each request's deadline in seconds (0.1)")
+    ap.add_argument("--deadline", type=float, default=0.1,
+                    help="each request's deadline in seconds in the kill, one-device and fuzz phases (0.1)")
+    ap.add_argument("--load-deadline", type=float, default=1.0,
+                    help="the deadline in the throughput phases (1.0: both modes meet it, so their "
+                    "throughputs compare at equal deadline met)")
     ap.add_argument("--kill-every", type=float, default=10.0)
-    ap.add_argument("--kill-load", type=float, default=0.3, help="phase 3's load, x the batched throughput")
+    ap.add_argument("--kill-load", type=float, default=0.1,
+                    help="phase 3's load, x the batched throughput (0.1: what one replica carries alone with half the "
+                    "deadline left for a retry; at 0.3 the small batches that form make both 70-100%% busy)")
     ap.add_argument("--fuzz-frames", type=int, default=100_000)
     ap.add_argument("--only-kills", action="store_true", help="phase 3 only, at --kill-rate req/s")
     ap.add_argument("--kill-rate", type=float, default=0.0)
+    ap.add_argument("--load-kills", action="store_true", help="kill replicas in the throughput phases too")
     args = ap.parse_args()
     import logging
 
@@ -399,10 +448,12 @@ def main() -> None:
             return
         server = tier_server(w, True)
         per = compute_limit(ray, w, server)
-        on = load(ray, w, server, "batching on ", args.devices, args.seconds, args.deadline, args.kill_every)
+        fed = fed_directly(ray, w, server, n=BATCHES[-1])
+        every = args.kill_every if args.load_kills else never
+        on = load(ray, w, server, "batching on ", args.devices, args.seconds, args.load_deadline, every)
         server.shutdown(5.0)
         server = tier_server(w, False)
-        off = load(ray, w, server, "batching off", args.devices, args.seconds, args.deadline, args.kill_every)
+        off = load(ray, w, server, "batching off", args.devices, args.seconds, args.load_deadline, every)
         server.shutdown(5.0)
         server = tier_server(w, True)
         rate = args.kill_load * on["rps"]
@@ -410,11 +461,6 @@ def main() -> None:
               f"({args.kill_load:g} x the batched throughput), a replica killed every {args.kill_every:g} s", flush=True)
         kills = load(ray, w, server, "paced, kills ", args.devices, args.seconds, args.deadline, args.kill_every, rate)
         quiet = load(ray, w, server, "paced, quiet ", args.devices, min(args.seconds, 20.0), args.deadline, never, rate)
-        with EdgeServer(w.artifact, "127.0.0.1", 0, calibrate=False) as local:
-            rtt = one_device_rtt(w, {"tier": server, "local": local})
-        t_tier, t_local = rtt["tier"], rtt["local"]
-        print(f"one device, 20 ms RTT: tier {t_tier * 1e3:.1f} ms, single process {t_local * 1e3:.1f} ms "
-              f"median ({t_tier / t_local:.2f}x)", flush=True)
         sent, crashes = 0, 0
         if args.fuzz_frames:
             fd0, th0 = len(os.listdir("/proc/self/fd")), threading.active_count()
@@ -423,15 +469,25 @@ def main() -> None:
             fd1, th1 = len(os.listdir("/proc/self/fd")), threading.active_count()
             print(f"fuzz: {sent} frames, {crashes} crashes; fds {fd0} -> {fd1}, threads {th0} -> {th1}")
         server.shutdown(5.0)
+        one = tier_server(w, True, replicas=1)     # one device: one replica with the cores, as the single process has
+        with EdgeServer(w.artifact, "127.0.0.1", 0, calibrate=False) as local:
+            rtt = one_device_rtt(w, {"tier": one, "local": local})
+        one.shutdown(5.0)
+        t_tier, t_local = rtt["tier"], rtt["local"]
+        print(f"one device, 20 ms RTT: tier (1 replica, {CORES} CPUs) {t_tier * 1e3:.1f} ms, single process "
+              f"{t_local * 1e3:.1f} ms median ({t_tier / t_local:.2f}x)", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
     best = min(per, key=per.get)
     limit = CORES / per[best]
     print(f"compute limit: {CORES} cores / {per[best] * 1e3:.2f} ms per request at batch {best} = {limit:.0f} req/s; "
-          f"batching on {on['rps']:.0f}, off {off['rps']:.0f} req/s")
-    print(f"failure within capacity: deadline met {kills['met']:.2%} with kills ({quiet['met']:.2%} without), "
-          f"lost {kills['lost']}, crossed {kills['crossed']}, wrong {kills['wrong']}")
+          f"replicas fed directly {fed:.0f} ({fed / limit:.2f} of it); batching on {on['rps']:.0f} "
+          f"({on['rps'] / fed:.2f} of fed directly), off {off['rps']:.0f} req/s, deadline met {on['met']:.1%} / "
+          f"{off['met']:.1%}")
+    print(f"failure within capacity: deadline met {kills['met']:.2%} with kills ({quiet['met']:.2%} without, p99 "
+          f"{quiet['p99'] * 1e3:.0f} ms of a {args.deadline * 1e3:.0f} ms deadline), lost {kills['lost']}, "
+          f"crossed {kills['crossed']}, wrong {kills['wrong']}")
     lost = sum(r["lost"] + r["crossed"] + r["wrong"] for r in (on, off, kills, quiet))
     print(f"serve: batched/unbatched {on['rps'] / off['rps']:.2f}, vs limit {max(on['rps'], off['rps']) / limit:.2f}, "
           f"lost {lost}, fuzz {sent} frames {crashes} crashes")

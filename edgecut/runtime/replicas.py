@@ -41,9 +41,11 @@ if serve is not None:
                 artifact = load(artifact, side="edge", backend=backend)
             self.part = artifact
 
-        async def run_many(self, plan_id: str, tensors: list, budgets: list):
+        async def run_many(self, plan_id: str, budgets: list, *tensors: dict):
             """One reply per request: ('ok', outputs, edge seconds, batch size), ('expired',)
             (its budget, seconds from now, ran out before it started) or ('bad', message).
+            Each request's tensors are an argument of their own: Ray sends an argument under
+            100 KB inline with the call, where a list of them would go through the object store.
             async: it computes on the replica's user-code event loop, without Serve's hop to a
             worker thread for a plain method (one computes at a time either way)."""
             now = time.monotonic()
