@@ -51,8 +51,11 @@ def _module(g: fx.Graph, info: dict) -> fx.GraphModule:
             n.meta.update({meta.KIND: meta.OUTPUT, meta.OUT_BYTES: 0})
             continue
         d, e, b = info[n.name]
+        # a shape too: only a node with one tensor's shape may be cut after (find_cuts._one_tensor);
+        # without it (from 6e911a7 to this fix) no node was a cut, and the bench timed a degenerate
+        # problem, one flow network over the whole graph whose only plan was "device"
         n.meta.update({meta.KIND: meta.INPUT if n.op == "placeholder" else meta.OTHER,
-                       meta.DEVICE_S: d, meta.EDGE_S: e, meta.OUT_BYTES: int(b)})
+                       meta.DEVICE_S: d, meta.EDGE_S: e, meta.OUT_BYTES: int(b), meta.SHAPE: (max(1, int(b) // 4),)})
     return gm
 
 
