@@ -139,18 +139,23 @@ def tier_server(w: Workload, batching: bool, replicas: int = 2, **kw):
                                                         max_queue=512, replica_cpus=CORES / replicas)).start()
 
 
-def compute_limit(ray, w: Workload, server) -> dict:
-    """Seconds per request at each batch size, as a replica of the idle tier reports them."""
+def run_many(ex, actor, w: Workload, reqs: list):
+    """A replica's run_many called directly (no front): the ref of its replies for `reqs`."""
     from edgecut.runtime.replicas import _metadata
 
+    return actor.handle_request.remote(_metadata(ex.app, "run_many"), w.plan, [10.0] * len(reqs), *reqs)
+
+
+def compute_limit(ray, w: Workload, server) -> dict:
+    """Seconds per request at each batch size, as a replica of the idle tier reports them."""
     ex = server.models[w.identity[0]].executor
-    actor = ray.get_actor(sorted(ex._actors)[0], namespace="serve")
+    actor = ex._actors[sorted(ex._actors)[0]]
     per = {}
     for n in BATCHES:
         ts = []
         for k in range(22):
             reqs = [w.cases[(k + j) % len(w.cases)][0] for j in range(n)]
-            reply = ray.get(actor.handle_request.remote(_metadata(ex.app, "run_many"), w.plan, [10.0] * n, *reqs))
+            reply = ray.get(run_many(ex, actor, w, reqs))
             assert all(r[0] == "ok" and r[3] == n for r in reply), reply[0][:1]
             ts.append(reply[0][2] / n)
         per[n] = statistics.median(ts[2:])
@@ -162,23 +167,20 @@ def compute_limit(ray, w: Workload, server) -> dict:
 def fed_directly(ray, w: Workload, server, seconds: float = 10.0, n: int = 8, inflight: int = 2) -> float:
     """Requests/s that the replicas compute when fed batches of `n` directly, `inflight` calls
     each, from threads of this process: the tier's ceiling here, without the front or devices."""
-    from edgecut.runtime.replicas import _metadata
-
     ex = server.models[w.identity[0]].executor
     done, lock, end = [0], threading.Lock(), time.monotonic() + seconds
 
-    def feed(name):
-        actor = ray.get_actor(name, namespace="serve")
+    def feed(actor):
         reqs, refs = [w.cases[j % len(w.cases)][0] for j in range(n)], []
         while time.monotonic() < end:
             while len(refs) < inflight:
-                refs.append(actor.handle_request.remote(_metadata(ex.app, "run_many"), w.plan, [10.0] * n, *reqs))
+                refs.append(run_many(ex, actor, w, reqs))
             reply = ray.get(refs.pop(0))
             with lock:
                 done[0] += sum(r[0] == "ok" for r in reply)
         ray.get(refs)
 
-    threads = [threading.Thread(target=feed, args=(name,)) for name in sorted(ex._actors)]
+    threads = [threading.Thread(target=feed, args=(actor,)) for actor in list(ex._actors.values())]
     t0 = time.monotonic()
     for t in threads:
         t.start()
