@@ -27,8 +27,9 @@ plan, everything on the edge) at batch 1 and, for the edge, at batches 2, 4 and 
 4. fuzz: hypothesis-drawn hostile sessions (tests/runtime/hostile.py) against the tier's front,
    8 senders, while a well-behaved device checks its answers; then the front's fds and threads.
 5. one device through a 20 ms RTT link (runtime/linkemu.py): median co-inference latency against
-   a tier of one replica with both CPUs vs against the single-process server (same front,
-   LocalExecutor, both cores), in alternating blocks of 12 requests.
+   a tier of one replica with both CPUs (its calls over the replica's data port, as the tier
+   sends them; and through Ray calls, for comparison) vs against the single-process server
+   (same front, LocalExecutor, both cores), in alternating blocks of 12 requests.
 
 Last line: `serve: batched/unbatched X, vs limit Y, lost Z, fuzz N frames C crashes`.
 """
@@ -166,12 +167,15 @@ def compute_limit(ray, w: Workload, server) -> dict:
 
 def fed_directly(ray, w: Workload, server, seconds: float = 10.0, n: int = 8, inflight: int = 2) -> float:
     """Requests/s that the replicas compute when fed batches of `n` directly, `inflight` calls
-    each, from threads of this process: the tier's ceiling here, without the front or devices."""
+    each, from threads of this process, the way the tier's front calls them (over their data
+    ports when it sends batches there, else through Ray): the tier's ceiling here, without the
+    front's queue or the devices."""
     ex = server.models[w.identity[0]].executor
     done, lock, end = [0], threading.Lock(), time.monotonic() + seconds
+    reqs = [w.cases[j % len(w.cases)][0] for j in range(n)]
 
-    def feed(actor):
-        reqs, refs = [w.cases[j % len(w.cases)][0] for j in range(n)], []
+    def feed_ray(actor):
+        refs = []
         while time.monotonic() < end:
             while len(refs) < inflight:
                 refs.append(run_many(ex, actor, w, reqs))
@@ -180,14 +184,24 @@ def fed_directly(ray, w: Workload, server, seconds: float = 10.0, n: int = 8, in
                 done[0] += sum(r[0] == "ok" for r in reply)
         ray.get(refs)
 
-    threads = [threading.Thread(target=feed, args=(actor,)) for actor in list(ex._actors.values())]
+    def feed_port(name):
+        while time.monotonic() < end:
+            reply = ex._port_call(name, ex._connect(name), w.plan, [10.0] * n, reqs, 10.0)
+            with lock:
+                done[0] += sum(r[0] == "ok" for r in reply)
+
+    if ex.port_batches:
+        threads = [threading.Thread(target=feed_port, args=(name,)) for name in list(ex._actors) for _ in range(inflight)]
+    else:
+        threads = [threading.Thread(target=feed_ray, args=(actor,)) for actor in list(ex._actors.values())]
     t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     rps = done[0] / (time.monotonic() - t0)
-    print(f"{len(threads)} replicas fed batches of {n} directly: {rps:.0f} req/s", flush=True)
+    print(f"{len(ex._actors)} replicas fed batches of {n} directly ({'data ports' if ex.port_batches else 'Ray calls'}): "
+          f"{rps:.0f} req/s", flush=True)
     return rps
 
 
@@ -324,10 +338,10 @@ def load(ray, w: Workload, server, label: str, devices: int, seconds: float, dea
     return r
 
 
-def one_device_rtt(w: Workload, servers: dict, rounds: int = 10, block: int = 12) -> dict:
+def one_device_rtt(w: Workload, servers: dict, rounds: int = 10, block: int = 12, before: dict | None = None) -> dict:
     """Median co-inference latency of one device through a 20 ms RTT link to each of `servers`
     (name -> server): `rounds` rounds of a block of `block` requests to each in turn, the first
-    two of each block dropped. Blocks, not alternating requests: a BLAS thread pool spins for a
+    two of each block dropped; `before[name]()`, if given, runs before each of name's blocks. Blocks, not alternating requests: a BLAS thread pool spins for a
     while after its work, and alternating made each side compute beside the other's spinning
     threads (both 2x slower, as measured here)."""
     from contextlib import ExitStack
@@ -349,6 +363,8 @@ def one_device_rtt(w: Workload, servers: dict, rounds: int = 10, block: int = 12
                                                           initial_bandwidth=1e9))
         for _ in range(rounds):
             for name, rt in rts.items():
+                if before and name in before:
+                    before[name]()
                 for j in range(block):
                     t = time.perf_counter()
                     r = rt.infer(x)
@@ -465,19 +481,37 @@ def main() -> None:
         quiet = load(ray, w, server, "paced, quiet ", args.devices, min(args.seconds, 20.0), args.deadline, never, rate)
         sent, crashes = 0, 0
         if args.fuzz_frames:
-            fd0, th0 = len(os.listdir("/proc/self/fd")), threading.active_count()
+            ex = server.models[w.identity[0]].executor
+
+            def counts():       # fds less the front's idle connections to replica ports, threads
+                pooled = sum(len(v) for v in ex._idle.values())
+                return len(os.listdir("/proc/self/fd")) - pooled, threading.active_count(), pooled
+
+            fd0, th0, po0 = counts()
             sent, crashes = fuzz(w, server, args.fuzz_frames, args.deadline)
-            time.sleep(2.0)
-            fd1, th1 = len(os.listdir("/proc/self/fd")), threading.active_count()
-            print(f"fuzz: {sent} frames, {crashes} crashes; fds {fd0} -> {fd1}, threads {th0} -> {th1}")
+            end, waited = time.monotonic() + 10.0, time.monotonic()
+            while ((c := counts())[0] > fd0 or c[1] > th0) and time.monotonic() < end:    # connections closing
+                time.sleep(0.1)
+            fd1, th1, po1 = c
+            print(f"fuzz: {sent} frames, {crashes} crashes; fds {fd0} -> {fd1}, threads {th0} -> {th1} "
+                  f"({time.monotonic() - waited:.1f} s after; fds less the {po0} -> {po1} idle port connections)")
         server.shutdown(5.0)
         one = tier_server(w, True, replicas=1)     # one device: one replica with the cores, as the single process has
+        ex = one.models[w.identity[0]].executor
+
+        def via(port: bool):
+            def set_path():
+                ex.data_port = port
+            return set_path
+
         with EdgeServer(w.artifact, "127.0.0.1", 0, calibrate=False) as local:
-            rtt = one_device_rtt(w, {"tier": one, "local": local})
+            rtt = one_device_rtt(w, {"tier": one, "tier-ray": one, "local": local},
+                                 before={"tier": via(True), "tier-ray": via(False)})
         one.shutdown(5.0)
-        t_tier, t_local = rtt["tier"], rtt["local"]
-        print(f"one device, 20 ms RTT: tier (1 replica, {CORES} CPUs) {t_tier * 1e3:.1f} ms, single process "
-              f"{t_local * 1e3:.1f} ms median ({t_tier / t_local:.2f}x)", flush=True)
+        t_tier, t_ray, t_local = rtt["tier"], rtt["tier-ray"], rtt["local"]
+        print(f"one device, 20 ms RTT: tier (1 replica, {CORES} CPUs) {t_tier * 1e3:.1f} ms over the data port, "
+              f"{t_ray * 1e3:.1f} ms through Ray calls, single process {t_local * 1e3:.1f} ms median "
+              f"({t_tier / t_local:.2f}x; through Ray {t_ray / t_local:.2f}x)", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()

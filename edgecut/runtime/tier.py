@@ -5,33 +5,39 @@ deploys one model as its own Serve application (`edgecut-<model>-<sha12>`, deplo
 with its own replica bounds: Serve places the replicas, scales them between `min_replicas` and
 `max_replicas` on the ongoing requests per replica, and restarts one that dies.
 
-The front (this module) calls a replica (runtime/replicas.py) as a plain Ray actor (the replica actor's `handle_request`, with the
-request metadata a Serve handle would send), not through a `DeploymentHandle`: measured here, a
-handle call costs ~4-7 ms at the median, an actor call ~1-2 ms. The replicas are found by name
-(`SERVE_REPLICA::<app>#edge#...`) every `refresh_s` and after any failure. This uses Serve
-internals pinned by `ray[serve]==2.60.0`; `route="handle"` uses the public DeploymentHandle
-instead. Each request's tensors go as an argument of their own, so that Ray sends them inline
-with the call (arguments under 100 KB) instead of through its object store (a batch of eight
-36 KB requests in one list argument went there: the raylet's share of a core fell from 0.14 to
-0.03, and two replicas fed directly rose from 399 to 440 requests/s). Replicas keep Serve's
-user-code thread: on Serve's own event loop (`RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`,
-tried) a computing replica holds up the reports autoscaling reads, and Serve stopped scaling up
-(tests/runtime/test_tier.py, slow). The median of an empty call at start (`overhead_s`) is added to the
-edge times the welcome sends, so a device plans with what the tier costs it; online correction
-sees the rest.
+The front (this module) reaches a replica (runtime/replicas.py) two ways. Through Ray: the replica
+actor's `handle_request`, with the request metadata a Serve handle would send, not through a
+`DeploymentHandle` (measured here, a handle call costs ~4-7 ms at the median, an actor call
+~1-3 ms); each request's tensors go as an argument of their own, so that Ray sends them inline
+with the call (a batch of eight 36 KB requests in one list went through its object store). And
+over the replica's data port: a TCP connection to the replica, opened with a token the probe
+returned through Ray, carrying the same batch in edgecut's msgpack frames (~0.3 ms for a 36 KB
+request where the Ray call took ~4 ms). Serve counts only the requests of its own call path
+when it autoscales, so the port carries the latency path (a lone request, below) always, and
+batches too when the replica count is fixed (`min_replicas == max_replicas`: nothing to scale);
+with autoscaling, batches go through Ray. A port the front cannot reach (another machine's
+firewall) is dropped for that replica, which is then called through Ray. The replicas are found
+by name (`SERVE_REPLICA::<app>#edge#...`) every `refresh_s` and after any failure. This uses
+Serve internals pinned by `ray[serve]==2.60.0`; `route="handle"` uses the public
+DeploymentHandle instead (and no port). Replicas keep Serve's user-code thread: on Serve's own
+event loop (`RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`, tried) a computing replica holds up
+the reports autoscaling reads, and Serve stopped scaling up (tests/runtime/test_tier.py, slow).
+The median of an empty call at start (`overhead_s`, over the port when the latency path uses
+it) is added to the edge times the welcome sends, so a device plans with what the tier costs
+it; online correction sees the rest.
 
 Batching happens in the front, so a batch costs one Ray call, not one per request: connection
 threads queue their requests; one dispatcher thread per model takes, whenever a replica has a
 free slot (`per_replica` calls in flight: one computing, one on its way), the oldest request and
 up to `max_batch - 1` more of the same plan, and sends them in one call to the replica's
-`run_many`, which runs them as one batch (`executor.run_batch`: the part's batch-N libraries
+`run_many` (or its data port), which runs them as one batch (`executor.run_batch`: the part's batch-N libraries
 when it has them). Alone, a request goes at once (batch 1, the latency path); when other calls
 are in flight a short batch waits for company at most `batch_wait_s`, and never past what its
 oldest request's deadline leaves. A request waits in the front, not in a replica, so it can
 expire there without costing compute: one that cannot finish in time even at one edge run per
 queued batch round is answered `timeout` at admission, and one left with less time than a call
-takes is answered at dispatch, so the device has the rest of its deadline for its local exit. A replica that dies mid-call costs each of its requests
-one retry on another replica if its deadline still leaves an edge run; otherwise it expires in
+takes is answered at dispatch, so the device has the rest of its deadline for its local exit. A replica that dies mid-call (an actor error, or its port's
+connection breaking) costs each of its requests one retry on another replica if its deadline still leaves an edge run; otherwise it expires in
 time and the device answers from its local exit.
 """
 from __future__ import annotations
@@ -54,10 +60,10 @@ _ENV = {"RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE": "0",
         "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
 os.environ.update(_ENV)
 
-from edgecut.runtime.replicas import _QUIET, EdgeReplica, ReplicaSet, _metadata, ray, serve  # noqa: E402
+from edgecut.runtime.replicas import _QUIET, EdgeReplica, ReplicaGone, ReplicaSet, _metadata, ray, serve  # noqa: E402
 
 _FAILED = ((ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-            ray.exceptions.WorkerCrashedError) if ray is not None else ())
+            ray.exceptions.WorkerCrashedError, ReplicaGone) if ray is not None else (ReplicaGone,))
 
 
 def _need_ray() -> None:
@@ -105,7 +111,8 @@ class RayExecutor(ReplicaSet):
     def __init__(self, part, artifact=None, *, min_replicas: int = 1, max_replicas: int = 2, max_batch: int = 8,
                  batch_wait_s: float = 0.002, batching: bool = True, max_queue: int = 256, backend: str = "tvm",
                  replica_cpus: float = 1.0, route: str = "direct", refresh_s: float = 1.0,
-                 target_ongoing: float | None = None, per_replica: int = 2, hang_s: float = 2.0):
+                 target_ongoing: float | None = None, per_replica: int = 2, hang_s: float = 2.0,
+                 data_port: bool = True):
         _need_ray()
         from edgecut.runtime import protocol as P
         if not 1 <= min_replicas <= max_replicas:
@@ -116,6 +123,10 @@ class RayExecutor(ReplicaSet):
         self.batch_wait_s = batch_wait_s
         self.max_queue, self.route = max_queue, route
         self.max_replicas, self.hang_s = max_replicas, hang_s
+        # the data port (runtime/replicas.py) for the latency path; for batches too when Serve has
+        # nothing to scale (it counts only requests that come through Ray's call)
+        self.data_port = data_port and route == "direct"
+        self.port_batches = self.data_port and min_replicas == max_replicas
         self._calls_s = deque([0.01], maxlen=31)     # the last calls' round trips as a call thread saw them
         app = EdgeReplica.options(
             max_ongoing_requests=max(4 * per_replica, 8),
@@ -134,7 +145,7 @@ class RayExecutor(ReplicaSet):
         while len(self._actors) < min_replicas and time.monotonic() < end:
             self._refresh(force=True)
             time.sleep(0.02)
-        self.overhead_s = self._hop()
+        self.overhead_s = self._hop(self.data_port)
         self._calls = ThreadPoolExecutor(max_replicas * per_replica + 1, thread_name_prefix="edgecut-tier-call")
         self._refresher = threading.Thread(target=self._refresh_loop, name=f"edgecut-tier-list-{model}", daemon=True)
         self._refresher.start()
@@ -159,7 +170,7 @@ class RayExecutor(ReplicaSet):
                 self._queue.append(req)
                 self._free.notify_all()
         if slot is not None:            # nothing queued, a replica free: call it from this thread
-            self._send(*slot, [req])
+            self._send(*slot, [req], port=self.data_port)
         try:
             if not req.done.wait(max(0.0, expiry - time.monotonic())):
                 req.gone = True         # the dispatcher drops it; a call holding it ignores it
@@ -209,7 +220,7 @@ class RayExecutor(ReplicaSet):
             if not batch:
                 self._release(name)
                 continue
-            self._calls.submit(self._send, name, actor, batch)
+            self._calls.submit(self._send, name, actor, batch, self.port_batches)
 
     def _call_s(self) -> float:       # with self._lock held
         """The median of the last calls' round trips (a median: one call slowed by a replica's
@@ -248,12 +259,13 @@ class RayExecutor(ReplicaSet):
             self._queue = keep
             return batch
 
-    def _send(self, name: str, actor, batch: list) -> None:
-        """A call thread: one replica call for `batch`; each request finished, or re-queued once
-        at the front of the queue when the replica died and its deadline leaves another run."""
+    def _send(self, name: str, actor, batch: list, port: bool = False) -> None:
+        """A call thread: one replica call for `batch` (over its data port if `port`); each
+        request finished, or re-queued once at the front of the queue when the replica died and
+        its deadline leaves another run."""
         failed, t0 = False, time.monotonic()
         try:
-            replies = self._call(actor, batch)
+            replies = self._call(name, actor, batch, port)
         except Expired:
             replies = [("expired",)] * len(batch)
         except _FAILED as e:
@@ -289,12 +301,15 @@ class RayExecutor(ReplicaSet):
             with self._lock:
                 self._calls_s.append(time.monotonic() - t0)
 
-    def _call(self, actor, batch: list):
+    def _call(self, name: str, actor, batch: list, port: bool):
         plan, now = batch[0].plan, time.monotonic()
         budgets = [r.expiry - now for r in batch]
         left = max(budgets)
         if left <= 0:
             raise Expired()
+        ch = self._connect(name) if port else None
+        if ch is not None:
+            return self._port_call(name, ch, plan, budgets, [r.tensors for r in batch], left + self.hang_s)
         args = (plan, budgets, *(r.tensors for r in batch))
         if self.route == "handle":
             resp = self.handle.run_many.remote(*args)
@@ -318,6 +333,10 @@ class RayExecutor(ReplicaSet):
         self._dispatcher.join(5)
         self._refresher.join(5)
         self._calls.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            idle, self._idle = [ch for chs in self._idle.values() for ch in chs], {}
+        for ch in idle:
+            ch.close()
         try:
             serve.delete(self.app)
         except Exception as e:  # the cluster may already be gone

@@ -109,6 +109,75 @@ def test_hostile_frames_against_the_tier(two_models):
         rt.close()
 
 
+def _closed_after(host: str, port: int, frames: list, raw: bytes = b"") -> list:
+    """The types of what a replica's data port answers to `frames` (and `raw` bytes) before it
+    closes the connection (it must close it within 5 s)."""
+    import socket
+
+    ch = P.Channel(socket.create_connection((host, port), timeout=5))
+    for f in frames:
+        ch.send(f)
+    if raw:
+        ch.sock.sendall(raw)
+    got = []
+    try:
+        while True:
+            got.append(ch.recv(time.monotonic() + 5)["type"])
+    except (ConnectionError, P.ProtocolError):
+        return got
+    finally:
+        ch.close()
+
+
+def test_data_port_latency_path_hostile_frames_and_fallback(two_models):
+    """A lone request goes over a replica's data port; the port closes a connection without its
+    token or with a frame it cannot read, and keeps serving; a port the front cannot reach makes
+    it call that replica through Ray instead."""
+    import socket
+
+    srv, _ = two_models
+    ex = srv.models["numpy-mlp"].executor
+    dev, rt = _device(srv)
+    try:
+        def right(i):
+            x = x_for(dev, i)
+            r = rt.infer(x)
+            assert r.where == "edge" and np.allclose(r.logits, dev.reference(x), atol=1e-5), r.reason
+
+        right(0)
+        assert ex.data_port and ex._idle, "the request's connection is back in the front's pool"
+        name = next(iter(ex._idle))
+        host, port, token = ex._ports[name]
+        x = {"x": np.ones((1, 256), np.float32)}
+        assert _closed_after(host, port, [{"type": "run", "plan": "e1/input", "budgets": [1.0],
+                                           "tensors": [P.TensorDict(x)]}]) == []          # no token
+        assert _closed_after(host, port, [{"type": "open", "token": b"0" * 32}]) == []
+        assert _closed_after(host, port, [], raw=b"\x00\x00\x00\x05hello") == []
+        opened = {"type": "open", "token": token}
+        assert _closed_after(host, port, [opened, {"type": "run", "plan": "e1/input", "budgets": [1.0],
+                                                   "tensors": "x"}]) == ["opened"]
+        assert _closed_after(host, port, [opened, {"type": "ping"}, {"type": "infer"}]) == ["opened", "pong"]
+        for i in range(1, 4):
+            right(i)
+
+        spare = socket.create_server(("127.0.0.1", 0))
+        nowhere = ("127.0.0.1", spare.getsockname()[1], token)
+        spare.close()
+        with ex._lock:
+            ports, ex._ports = ex._ports, {n: nowhere for n in ex._ports}
+            idle, ex._idle = [c for cs in ex._idle.values() for c in cs], {}
+        for c in idle:
+            c.close()
+        try:
+            right(4)
+            assert not ex._ports, "an unreachable port is dropped; the request went through Ray"
+        finally:
+            with ex._lock:
+                ex._ports = ports
+    finally:
+        rt.close()
+
+
 def _kill_busy(ray, ex):
     """Kill the replica computing the one request in flight."""
     time.sleep(0.25)                     # the request is computing on a replica now
@@ -118,10 +187,10 @@ def _kill_busy(ray, ex):
     return time.monotonic()
 
 
-@pytest.fixture
-def slow_tier(ray_cluster):
+@pytest.fixture(params=[True, False], ids=["data-port", "ray-call"])
+def slow_tier(ray_cluster, request):
     slow = NumpyPart("edge", edge_delay=0.5, model="numpy-slow")
-    srv = tier(ray_cluster, slow, tier=dict(min_replicas=2, max_replicas=2, batching=False))
+    srv = tier(ray_cluster, slow, tier=dict(min_replicas=2, max_replicas=2, batching=False, data_port=request.param))
     ex = srv.models["numpy-slow"].executor
     assert len(ex.replica_names()) == 2
     ch = handshake(srv.address, slow)
