@@ -40,6 +40,9 @@ def register(sub) -> None:
     t.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
     t.add_argument("--max-batch", type=int, default=8, help="requests per replica call at most (default 8; 1: off)")
     t.add_argument("--batch-wait", default="2ms", help="longest a request waits for its batch (default 2ms)")
+    t.add_argument("--no-data-port", action="store_true",
+                   help="call replicas only through Ray, never over their own data port (which carries a lone "
+                        "request always, and batches when a model's replica count is fixed)")
     p.set_defaults(func=run)
 
 
@@ -74,7 +77,7 @@ def tier_executor(args):
         lo, hi = per_model.get(manifest_identity(part)[0], default)
         return RayExecutor(part, artifact, min_replicas=lo, max_replicas=hi, max_batch=args.max_batch,
                            batch_wait_s=parse_time(args.batch_wait), max_queue=args.queue,
-                           backend=args.backend, replica_cpus=args.replica_cpus)
+                           backend=args.backend, replica_cpus=args.replica_cpus, data_port=not args.no_data_port)
     return make
 
 
