@@ -341,9 +341,10 @@ def load(ray, w: Workload, server, label: str, devices: int, seconds: float, dea
 def one_device_rtt(w: Workload, servers: dict, rounds: int = 10, block: int = 12, before: dict | None = None) -> dict:
     """Median co-inference latency of one device through a 20 ms RTT link to each of `servers`
     (name -> server): `rounds` rounds of a block of `block` requests to each in turn, the first
-    two of each block dropped; `before[name]()`, if given, runs before each of name's blocks. Blocks, not alternating requests: a BLAS thread pool spins for a
-    while after its work, and alternating made each side compute beside the other's spinning
-    threads (both 2x slower, as measured here)."""
+    two of each block dropped; `before[name]()`, if given, runs before each of name's blocks.
+    Blocks, not alternating requests: a BLAS thread pool spins for a while after its work, and
+    alternating made each side compute beside the other's spinning threads (both 2x slower, as
+    measured here)."""
     from contextlib import ExitStack
 
     from edgecut.codegen.load import load as load_part
